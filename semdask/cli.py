@@ -10,7 +10,7 @@ import logging
 import sys
 from collections.abc import Callable
 from functools import wraps
-from pathlib import Path  # noqa: F401  (used by sub-commands)
+from pathlib import Path
 from typing import Any
 
 import click
@@ -49,15 +49,288 @@ def main(verbose: int) -> None:
 
 
 # --- synth (synthetic.py) ----------------------------------------------------
+@main.command("synth")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--shape", nargs=2, type=int, required=True, metavar="H W",
+              help="Mosaic size in pixels.")
+@click.option("--seed", type=int, default=0, help="Seed (same seed, same pixels).")
+@click.option("--nio-fraction", "nio_fraction", type=float, default=None, metavar="F",
+              help="Share of the Ni oxidised to NiO, 0..1 (default: SynthParams).")
+@click.option("--chunk", type=int, default=2048, metavar="N",
+              help="Chunk/shard edge in px (multiple of 4).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output store.")
+@_handle_errors
+def synth_cmd(out: Path, shape: tuple[int, int], seed: int, nio_fraction: float | None,
+              chunk: int, overwrite: bool) -> None:
+    """Write a synthetic Ni/YSZ electrode mosaic OUT.ome.zarr (image, truth labels, EDS)."""
+    from dask.diagnostics import ProgressBar
+
+    from . import io
+    from .synthetic import COLOURS, PHASES, SynthParams, synthetic_mosaic
+
+    params = SynthParams() if nio_fraction is None else SynthParams(nio_fraction=nio_fraction)
+    m = synthetic_mosaic((shape[0], shape[1]), seed=seed, chunk=chunk, params=params)
+    px = m.pixel_size_um
+    with ProgressBar(minimum=1.0, out=sys.stderr):
+        log.info("synth: rendering image %d x %d (chunk %d)", *shape, chunk)
+        io.write_image(out, m.image, pixel_size_um=px, overwrite=overwrite,
+                       attrs={"synthetic": {**params.as_dict(), "seed": seed}})
+        log.info("synth: rendering truth labels")
+        io.write_labels(out, m.truth, name="truth", classes=PHASES, colours=COLOURS)
+        log.info("synth: rendering EDS maps")
+        io.write_extra_image(out, "eds", m.eds, channel_names=["Ni", "O", "Zr"],
+                             pixel_size_um=4 * px, attrs={"true_shift_px": list(m.eds_shift_px)})
+    log.info("synth: wrote %s (image, labels/truth, eds)", out)
+    click.echo(f"{out}: {shape[0]} x {shape[1]} uint8 synthetic mosaic, seed {seed}, "
+               f"pixel size {px:g} µm, nio_fraction {params.nio_fraction:g}; "
+               f"labels/truth ({', '.join(PHASES)}); eds (Ni, O, Zr) at 1/4 resolution")
+
+
 # --- end synth ---------------------------------------------------------------
 
 # --- convert (io.py / ome.py) -------------------------------------------------
+
+
+def _databar(value: str | None) -> bool | int:
+    if value is None:
+        return False
+    if value.strip().lower() == "auto":
+        return True
+    try:
+        rows = int(value)
+    except ValueError:
+        rows = -1
+    if rows < 0:
+        raise click.BadParameter(f"expected 'auto' or a number of rows >= 0, got {value!r}")
+    return rows
+
+
+@main.command("convert")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--pixel-size", "pixel_size", type=float, default=None, metavar="UM",
+              help="Pixel size in µm (wins over vendor tags).")
+@click.option("--crop-databar", "crop_databar", is_flag=False, flag_value="auto", default=None,
+              metavar="[auto|ROWS]",
+              help="Crop the instrument data bar: detect it (auto) or drop ROWS bottom rows.")
+@click.option("--tile-offsets", type=click.Path(path_type=Path), default=None, metavar="CSV",
+              help="CSV file,y,x (pixels): fuse the inputs as a tile grid (linear blending).")
+@click.option("--chunk", type=int, default=None, metavar="N", help="Chunk/shard edge in px.")
+@click.option("--ngff", type=click.Choice(["0.5", "0.4"]), default="0.5",
+              help="0.4 also writes OUT.ngff04.ome.zarr for Fiji/QuPath.")
+@click.option("--page", type=int, default=None, help="Page of a multi-page TIFF.")
+@click.option("--overwrite", is_flag=True, help="Replace existing output stores.")
+@_handle_errors
+def convert_cmd(inputs: tuple[Path, ...], out: Path, pixel_size: float | None,
+                crop_databar: str | None, tile_offsets: Path | None, chunk: int | None,
+                ngff: str, page: int | None, overwrite: bool) -> None:
+    """Convert SEM image(s) INPUT... into OME-Zarr OUT.
+
+    One image -> OUT.ome.zarr; several images or a folder -> OUT/<stem>.ome.zarr each;
+    with --tile-offsets the images are fused into one mosaic OUT.
+    """
+    from dask.diagnostics import ProgressBar
+
+    from .convert import convert, convert_each
+
+    kw: dict[str, Any] = dict(pixel_size_um=pixel_size, crop_databar=_databar(crop_databar),
+                              chunk=chunk, ngff=ngff, overwrite=overwrite, page=page)
+    each = tile_offsets is None and (len(inputs) > 1 or any(p.is_dir() for p in inputs))
+    with ProgressBar(minimum=1.0, out=sys.stderr):
+        if each:
+            mosaics = convert_each(inputs, out, **kw)
+        else:
+            mosaics = [convert(inputs, out, tile_offsets=tile_offsets, **kw)]
+    for m in mosaics:
+        px = "none" if m.pixel_size_um is None else f"{m.pixel_size_um:g} µm"
+        click.echo(f"{m.path}: {m.image.shape[0]} x {m.image.shape[1]} {m.image.dtype}, "
+                   f"pixel size {px}, {m.levels} levels")
+
+
 # --- end convert --------------------------------------------------------------
 
 # --- train (train.py) ---------------------------------------------------------
+@main.command("train")
+@click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              metavar="MODEL.safetensors", help="Best model (+ .yaml, .last.*, .metrics.csv).")
+@click.option("--labels", default="truth", help="Label group to learn (truth or phases).")
+@click.option("--epochs", type=int, default=20)
+@click.option("--steps-per-epoch", "steps_per_epoch", type=int, default=100)
+@click.option("--batch-size", "batch_size", type=int, default=8)
+@click.option("--window", type=int, default=256, help="Training window edge (multiple of 16).")
+@click.option("--lr", type=float, default=1e-3, help="Adam learning rate (peak).")
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine")
+@click.option("--val-fraction", "val_fraction", type=float, default=0.2,
+              help="Bottom band of every mosaic held out for validation.")
+@click.option("--workers", type=int, default=0, help="DataLoader worker processes.")
+@click.option("--seed", type=int, default=0)
+@click.option("--device", default="cpu", help="Torch device (cpu, cuda, cuda:1, ...).")
+@click.option("--resume", type=click.Path(path_type=Path), default=None, metavar="CKPT",
+              help="Continue from MODEL.last.safetensors of an earlier run.")
+@_handle_errors
+def train_cmd(stores: tuple[Path, ...], out: Path, labels: str, epochs: int,
+              steps_per_epoch: int, batch_size: int, window: int, lr: float, schedule: str,
+              val_fraction: float, workers: int, seed: int, device: str,
+              resume: Path | None) -> None:
+    """Train a U-Net on the mosaics STORE... (OME-Zarr with labels) and write --out."""
+    from .train import train
+
+    r = train(stores, out, labels=labels, window=window, epochs=epochs,
+              steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr,
+              val_fraction=val_fraction, num_workers=workers, seed=seed, device=device,
+              resume=resume, schedule=schedule)
+    click.echo(f"{r.model_path}: best val mIoU {r.best_miou:.4f} (epoch {r.best_epoch}), "
+               f"{r.seconds:.0f} s; metrics {r.metrics_csv}")
+
+
 # --- end train ----------------------------------------------------------------
 
 # --- segment / fractions / preview / demo (infer.py, metrics.py) -------------
+def _cluster_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--scheduler-address", default=None, metavar="ADDR",
+                     help="Join a running Dask scheduler (tcp://host:8786) instead of a "
+                     "LocalCluster."),
+        click.option("--scheduler-file", default=None, type=click.Path(dir_okay=False),
+                     help="Join the scheduler described by this file."),
+        click.option("--workers", "n_workers", default=None, type=int,
+                     help="LocalCluster worker processes [default: one per core, max 4]."),
+        click.option("--dashboard-address", default=None, metavar="HOST:PORT",
+                     help="Dashboard bind address [default: 127.0.0.1:8787; it has no "
+                     "authentication, so keep it on 127.0.0.1 and tunnel]."),
+        click.option("--no-cluster", is_flag=True,
+                     help="Use the threaded scheduler in this process (no dashboard)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _client(no_cluster: bool, **kw: Any) -> Any:
+    from contextlib import nullcontext
+
+    from .cluster import connect
+
+    return nullcontext(None) if no_cluster else connect(**kw)
+
+
+def _announce(client: Any) -> None:
+    if client is not None:
+        from .cluster import dashboard_link
+
+        click.echo(f"Dask dashboard: {dashboard_link(client)}")
+
+
+@main.command()
+@click.argument("mosaic", type=click.Path(exists=False))
+@click.option("--model", "-m", default=None, type=click.Path(dir_okay=False),
+              help="Model .safetensors [default: the bundled SOC model].")
+@click.option("--output", "-o", default=None, type=click.Path(),
+              help="Write to this OME-Zarr instead of into MOSAIC.")
+@click.option("--mode", type=click.Choice(["window", "whole-chunk"]), default=None,
+              help="Blended sliding windows, or the whole chunk at once (fully convolutional).")
+@click.option("--chunks", "chunk", default=None, type=int, help="Chunk edge in pixels.")
+@click.option("--window", default=None, type=int, help="Window edge (multiple of 16).")
+@click.option("--overlap", default=None, type=float, help="Window overlap fraction [0, 1).")
+@click.option("--blend", type=click.Choice(["gaussian", "cosine", "uniform"]), default=None)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Autocast precision (bf16 is ~2.5x faster on recent CPUs).")
+@click.option("--batch-size", default=None, type=int, help="Windows per forward pass.")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--probs", is_flag=True, help="Also write float16 class probabilities.")
+@click.option("--confidence", is_flag=True, help="Also write the maximum probability.")
+@click.option("--name", default="phases", help="Label group name.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs of this name.")
+@_cluster_options
+@_handle_errors
+def segment(mosaic: str, model: str | None, output: str | None, mode: str | None,
+            chunk: int | None, window: int | None, overlap: float | None, blend: str | None,
+            precision: str | None, batch_size: int | None, device: str, probs: bool,
+            confidence: bool, name: str, overwrite: bool, scheduler_address: str | None,
+            scheduler_file: str | None, n_workers: int | None, dashboard_address: str | None,
+            no_cluster: bool) -> None:
+    """Segment MOSAIC (OME-Zarr) into phases; labels go to <OUT or MOSAIC>/labels/NAME."""
+    from .segment import segment as run
+
+    with _client(no_cluster, scheduler_address=scheduler_address,
+                 scheduler_file=scheduler_file, n_workers=n_workers,
+                 dashboard_address=dashboard_address) as client:
+        _announce(client)
+        r = run(mosaic, model=model, output=output, mode=mode, window=window, overlap=overlap,
+                blend=blend, chunk=chunk, precision=precision, batch_size=batch_size,
+                device=device, probs=probs, confidence=confidence, name=name,
+                overwrite=overwrite, client=client)
+    click.echo(f"wrote {r.output}/{r.labels} ({r.shape[0]} x {r.shape[1]} px, {r.plan.mode} "
+               f"mode) in {r.seconds:.1f} s = {r.mpix_per_s:.2f} MPix/s")
+
+
+@main.command()
+@click.argument("mosaic", type=click.Path(exists=False))
+@click.option("--labels", "name", default="phases", help="Label group to count.")
+@click.option("--pixel-size", type=float, default=None,
+              help="Pixel size in um [default: from the store].")
+@click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
+@click.option("--truth", default=None, help="Also show a reference label group, e.g. truth.")
+@_handle_errors
+def fractions(mosaic: str, name: str, pixel_size: float | None, csv_out: str | None,
+              json_out: str | None, truth: str | None) -> None:
+    """Phase area fractions (pooled counts) and areas in um^2."""
+    from .metrics import mosaic_fractions
+
+    f = mosaic_fractions(mosaic, labels=name, pixel_size_um=pixel_size)
+    ref = mosaic_fractions(mosaic, labels=truth, pixel_size_um=pixel_size) if truth else None
+    click.echo(f.table(ref))
+    if csv_out:
+        Path(csv_out).write_text(f.to_csv())
+    if json_out:
+        Path(json_out).write_text(f.to_json())
+
+
+@main.command()
+@click.argument("mosaic", type=click.Path(exists=False))
+@click.argument("out_png", type=click.Path(dir_okay=False))
+@click.option("--labels", "name", default="phases")
+@click.option("--level", type=int, default=None,
+              help="Pyramid level [default: finest level with side <= --max-side].")
+@click.option("--max-side", type=int, default=2048)
+@click.option("--alpha", type=float, default=0.45)
+@_handle_errors
+def preview(mosaic: str, out_png: str, name: str, level: int | None, max_side: int,
+            alpha: float) -> None:
+    """Write an overlay PNG of image and labels at one pyramid level."""
+    from .plot import preview as run
+
+    click.echo(f"wrote {run(mosaic, out_png, labels=name, level=level, alpha=alpha, max_side=max_side)}")
+
+
+@main.command()
+@click.option("--out", "workdir", default="demo-output", type=click.Path(file_okay=False),
+              show_default=True)
+@click.option("--shape", nargs=2, type=int, default=(8192, 8192), show_default=True)
+@click.option("--seed", type=int, default=2026)
+@click.option("--nio-fraction", type=float, default=0.15)
+@click.option("--mode", type=click.Choice(["window", "whole-chunk"]), default=None)
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None)
+@click.option("--chunks", "chunk", type=int, default=None)
+@_cluster_options
+@_handle_errors
+def demo(workdir: str, shape: tuple[int, int], seed: int, nio_fraction: float,
+         mode: str | None, precision: str | None, chunk: int | None,
+         scheduler_address: str | None, scheduler_file: str | None, n_workers: int | None,
+         dashboard_address: str | None, no_cluster: bool) -> None:
+    """Synthesise an SOC mosaic, segment it with the bundled model, report phase fractions."""
+    from .demo import run_demo
+
+    with _client(no_cluster, scheduler_address=scheduler_address,
+                 scheduler_file=scheduler_file, n_workers=n_workers,
+                 dashboard_address=dashboard_address) as client:
+        _announce(client)
+        r = run_demo(workdir, shape=tuple(shape), seed=seed, nio_fraction=nio_fraction,
+                     mode=mode, precision=precision, chunk=chunk, client=client,
+                     echo=click.echo)
+    click.echo(r.summary())
 # --- end segment --------------------------------------------------------------
 
 

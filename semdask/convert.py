@@ -1,0 +1,411 @@
+"""Convert SEM images and tile grids into OME-Zarr mosaics (``semdask convert``).
+
+Three kinds of input:
+
+- one image (TIFF/BigTIFF, PNG, JPEG, BMP; see :mod:`semdask.readers`) -> one mosaic;
+- several images or a folder of images -> one mosaic per image with
+  :func:`convert_each` (``OUT/<stem>.ome.zarr``; the CLI does this when given a folder
+  without ``--tile-offsets``);
+- a tile grid: images plus an offsets CSV (``file,y,x`` in pixels, header required;
+  ``file`` relative to the CSV's folder or to the input folder) -> one fused mosaic.
+  Overlaps are blended linearly (feathering): each tile's weight is the product of
+  its distances (+0.5 px) to its own edges along y and x, so across an overlap
+  between two tiles the weights ramp linearly and the seam becomes a linear
+  ramp. Fusion is lazy: each output chunk reads only the tile regions overlapping it.
+
+The pixel size comes from vendor tags (FEI/Thermo Fisher, Zeiss, TESCAN) or from
+``pixel_size_um``; the argument wins over a differing tag (with a warning). The
+generic TIFF resolution tags are not trusted. With no pixel size at all the mosaic
+is stored without one (a warning says so).
+
+An instrument data bar can be cropped: ``crop_databar=ROWS`` drops ROWS rows at the
+bottom, ``crop_databar=True`` detects the bar with :func:`databar_rows`. In a tile
+grid every tile is cropped before fusing, so the CSV offsets refer to cropped tiles.
+
+Examples
+--------
+>>> import numpy as np
+>>> img = np.full((100, 50), 120, np.uint8)
+>>> img[90:] = 0; img[94:96, 5:20] = 255          # a black bar with white "text"
+>>> databar_rows(img)
+10
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+
+from . import io as sio
+from .errors import InputError, UnsafePathError
+from .readers import IMAGE_SUFFIXES, ImageFile, open_image
+from .tiling import align_up
+
+__all__ = [
+    "TileGrid",
+    "convert",
+    "convert_each",
+    "databar_rows",
+    "image_to_dask",
+    "read_tile_offsets",
+]
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+_DEFAULT_CHUNK = 2048
+_BAR_SEARCH = 2048  # rows at most searched for a data bar
+
+
+def databar_rows(image: np.ndarray, *, max_fraction: float = 0.3, min_rows: int = 4) -> int:
+    """Height of an instrument data bar at the bottom of ``image`` (0 if none is found).
+
+    A row belongs to the bar when at least half its pixels sit at the bar's background
+    (the bottom row's most common value, +-4 % of the range) and 90 % sit at that
+    background or at the extremes (text), or when the row is (nearly)
+    constant at an extreme (rules).
+    The bar is the run of such rows from the bottom, kept only if it is at least
+    ``min_rows`` and at most ``max_fraction`` of the height: conservative by design.
+    """
+    h = image.shape[0]
+    n = min(int(h * max_fraction), h)
+    if n < min_rows:
+        return 0
+    band = np.asarray(image[h - n :], dtype=np.float64)
+    lo, hi = float(band.min()), float(band.max())
+    if hi <= lo:
+        return 0
+    tol = 0.04 * (hi - lo)
+    values, counts = np.unique(band[-1], return_counts=True)
+    bg = float(values[np.argmax(counts)])
+    near_bg = (np.abs(band - bg) <= tol).mean(axis=1)
+    extreme = ((band <= lo + tol) | (band >= hi - tol)).mean(axis=1)
+    near_any = np.maximum(near_bg, extreme)
+    med = np.median(band, axis=1, keepdims=True)
+    flat = (np.abs(band - med) <= tol).mean(axis=1)
+    rule = (flat >= 0.98) & ((med[:, 0] <= lo + tol) | (med[:, 0] >= hi - tol))
+    bar = ((near_bg >= 0.5) & (near_any >= 0.9)) | rule
+    run = int(np.argmin(bar[::-1])) if not bar.all() else n
+    return run if min_rows <= run < n else 0
+
+
+def _ramp(n: int, start: int, stop: int) -> np.ndarray:
+    i = np.arange(start, stop, dtype=np.float64)
+    return np.minimum(i + 0.5, n - i - 0.5)
+
+
+class TileGrid:
+    """A lazy, array-like fusion of tiles at pixel offsets (for :func:`dask.array.from_array`).
+
+    Parameters
+    ----------
+    tiles : sequence of ImageFile
+        Tiles of one dtype.
+    offsets : sequence of (int, int)
+        ``(y, x)`` of each tile's top-left pixel; shifted so the smallest is 0.
+    """
+
+    def __init__(self, tiles: Sequence[ImageFile], offsets: Sequence[tuple[int, int]]) -> None:
+        if not tiles or len(tiles) != len(offsets):
+            raise InputError("tile grid", expected="one offset per tile, at least one tile",
+                             got=f"{len(tiles)} tiles, {len(offsets)} offsets")
+        dtypes = {t.dtype.name for t in tiles}
+        if len(dtypes) > 1:
+            raise InputError("tile grid", expected="tiles of one pixel type",
+                             got=", ".join(sorted(dtypes)), fix="re-export the tiles alike")
+        y0, x0 = min(o[0] for o in offsets), min(o[1] for o in offsets)
+        self.tiles = list(tiles)
+        self.offsets = [(int(y) - y0, int(x) - x0) for y, x in offsets]
+        self.shape = (
+            max(y + t.shape[0] for t, (y, _) in zip(self.tiles, self.offsets, strict=True)),
+            max(x + t.shape[1] for t, (_, x) in zip(self.tiles, self.offsets, strict=True)),
+        )
+        self.dtype = tiles[0].dtype
+        self.ndim = 2
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        ys, xs = (range(n)[k] for k, n in zip(key, self.shape, strict=True))
+        return self.read(ys.start, ys.stop, xs.start, xs.stop)
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Fuse rows ``y0:y1``, columns ``x0:x1`` from the tiles overlapping them."""
+        acc = np.zeros((y1 - y0, x1 - x0), np.float64)
+        wsum = np.zeros_like(acc)
+        for tile, (ty, tx) in zip(self.tiles, self.offsets, strict=True):
+            th, tw = tile.shape
+            a, b, c, d = max(y0, ty), min(y1, ty + th), max(x0, tx), min(x1, tx + tw)
+            if a >= b or c >= d:
+                continue
+            w = np.outer(_ramp(th, a - ty, b - ty), _ramp(tw, c - tx, d - tx))
+            acc[a - y0 : b - y0, c - x0 : d - x0] += w * tile.read(a - ty, b - ty, c - tx, d - tx)
+            wsum[a - y0 : b - y0, c - x0 : d - x0] += w
+        fused = np.divide(acc, wsum, out=np.zeros_like(acc), where=wsum > 0)
+        if self.dtype.kind == "f":
+            return fused.astype(self.dtype)
+        info = np.iinfo(self.dtype)
+        return np.clip(np.rint(fused), info.min, info.max).astype(self.dtype)
+
+
+def read_tile_offsets(csv_path: PathLike) -> list[tuple[str, int, int]]:
+    """Read a tile offsets CSV with a header ``file,y,x`` (pixels) -> ``[(file, y, x)]``.
+
+    Non-integer offsets are rounded to the nearest pixel (logged).
+    """
+    path = Path(csv_path).expanduser()
+    if not path.is_file():
+        raise UnsafePathError(f"{path}", expected="an offsets CSV file",
+                              got="nothing at that path", fix="check --tile-offsets")
+    fix = "write a CSV with the header line 'file,y,x' and one row per tile (offsets in pixels)"
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        cols = {c.strip().lower(): c for c in reader.fieldnames or []}
+        if not {"file", "y", "x"} <= set(cols):
+            raise InputError(f"{path}", expected="columns file, y, x (header required)",
+                             got=f"header {reader.fieldnames}", fix=fix)
+        rows: list[tuple[str, int, int]] = []
+        for n, row in enumerate(reader, start=2):
+            try:
+                name = row[cols["file"]].strip()
+                y, x = float(row[cols["y"]]), float(row[cols["x"]])
+                if not (name and math.isfinite(y) and math.isfinite(x)):
+                    raise ValueError("empty file name or non-finite offset")
+            except (TypeError, ValueError, AttributeError) as e:
+                raise InputError(f"{path} line {n}", expected="file,y,x with numeric offsets",
+                                 got=repr(row), fix=fix) from e
+            if y != round(y) or x != round(x):
+                log.info("%s line %d: offsets (%s, %s) rounded to whole pixels", path, n, y, x)
+            rows.append((name, round(y), round(x)))
+    if not rows:
+        raise InputError(f"{path}", expected="at least one tile row", got="none", fix=fix)
+    return rows
+
+
+def _expand(inputs: Sequence[PathLike] | PathLike) -> list[Path]:
+    items = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
+    files: list[Path] = []
+    for item in items:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir()
+                           if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise InputError(f"{p}", expected="a folder with image files",
+                                 got="no *.tif/*.png/... files", fix="check the folder")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UnsafePathError(f"{p}", expected="an existing image file or folder",
+                                  got="nothing at that path", fix="check the path")
+    if not files:
+        raise InputError("inputs", expected="at least one image", got="none")
+    return files
+
+
+def _crop(img: ImageFile, crop: bool | int) -> tuple[ImageFile, int]:
+    if crop is False or crop is None:
+        return img, 0
+    if crop is True:
+        h = img.shape[0]
+        n = min(h, _BAR_SEARCH * 10 // 3)
+        rows = databar_rows(img.read(h - n, h, 0, img.shape[1]) if n else np.zeros((0, 0)))
+        rows = min(rows, h - 1)
+        log.info("%s: data bar %s", img.path, f"of {rows} rows cropped" if rows else "not found")
+        return img.cropped(rows), rows
+    if isinstance(crop, int) and crop >= 0:
+        log.info("%s: %d data-bar rows cropped", img.path, crop)
+        return img.cropped(crop), crop
+    raise InputError("crop_databar", expected="False, True (auto) or a number of rows >= 0",
+                     got=repr(crop))
+
+
+def _chunks(img: ImageFile, chunk: int) -> tuple[int, int]:
+    sh, sw = img.segment
+    if img.fmt != "tiff" or img.memmappable:
+        return chunk, chunk
+    if sw >= img.shape[1] and sh < img.shape[0]:  # strips: full-width chunks, decode once
+        return align_up(chunk, sh), img.shape[1]
+    return align_up(chunk, sh), align_up(chunk, sw)
+
+
+def image_to_dask(source: ImageFile | TileGrid, chunk: int = _DEFAULT_CHUNK) -> da.Array:
+    """A lazy dask array over an image file or tile grid; each chunk reads only its region.
+
+    Chunks are ``chunk`` px, rounded up to whole TIFF tiles (full-width for striped,
+    compressed TIFFs so that every strip is decoded once).
+    """
+    if isinstance(source, ImageFile):
+        chunks = _chunks(source, chunk)
+        token = f"{source.path}-{source.path.stat().st_mtime_ns}-{source.page}-{source.shape}"
+    else:
+        chunks = (chunk, chunk)
+        token = repr([(str(t.path), t.shape, o) for t, o in zip(source.tiles, source.offsets,
+                                                                  strict=True)])
+    name = f"convert-{source.__class__.__name__}-{tokenize(token, chunks)}"
+    return da.from_array(source, chunks=chunks, lock=False, asarray=False, fancy=False,
+                         meta=np.empty((0, 0), source.dtype), name=name)
+
+
+def _pixel_size(tag_um: float | None, vendor: str | None, flag_um: float | None) -> float | None:
+    if flag_um is not None:
+        if not (math.isfinite(flag_um) and flag_um > 0):
+            raise InputError("pixel_size_um", expected="a positive size in micrometres",
+                             got=repr(flag_um), fix="e.g. --pixel-size 0.01 for 10 nm pixels")
+        if tag_um is not None and not math.isclose(tag_um, flag_um, rel_tol=1e-3):
+            log.warning("--pixel-size %g um overrides the %s tag (%g um)", flag_um, vendor, tag_um)
+        return float(flag_um)
+    if tag_um is None:
+        log.warning("no pixel size in vendor tags and none given: stored without one "
+                    "(pass --pixel-size UM / pixel_size_um=)")
+    return tag_um
+
+
+def convert(
+    inputs: Sequence[PathLike] | PathLike,
+    out: PathLike,
+    *,
+    pixel_size_um: float | None = None,
+    crop_databar: bool | int = False,
+    tile_offsets: PathLike | None = None,
+    chunk: int | None = None,
+    ngff: str = "0.5",
+    overwrite: bool = False,
+    page: int | None = None,
+) -> sio.Mosaic:
+    """Convert one image, or a tile grid, into an OME-Zarr mosaic.
+
+    Parameters
+    ----------
+    inputs : path-like or sequence of path-like
+        One image file; or, with ``tile_offsets``, the tiles (files and/or folders).
+    out : path-like
+        The ``.ome.zarr`` store to write.
+    pixel_size_um : float, optional
+        Pixel size in micrometres; wins over vendor tags.
+    crop_databar : bool or int
+        ``True`` detects and crops the data bar, an int crops that many bottom rows.
+    tile_offsets : path-like, optional
+        CSV ``file,y,x`` (pixels): fuse the inputs into one mosaic with linear blending.
+    chunk : int, optional
+        Chunk (shard) edge in pixels for reading and writing (default: the store's).
+    ngff : {"0.5", "0.4"}
+        ``"0.4"`` also writes an NGFF 0.4 export (for Fiji/QuPath) via
+        :func:`semdask.io.export_ngff04`.
+    overwrite : bool
+        Replace an existing store.
+    page : int, optional
+        Page of a multi-page TIFF to convert (single image only).
+
+    Returns
+    -------
+    semdask.io.Mosaic
+        The written mosaic; ``attrs`` carry ``source`` (files, vendor, cropped rows).
+
+    Raises
+    ------
+    UnsafePathError
+        Missing inputs, or ``out`` exists and ``overwrite`` is False.
+    InputError
+        Unreadable images, several images without ``tile_offsets``, bad CSV or options.
+    """
+    if ngff not in ("0.5", "0.4"):
+        raise InputError("ngff", expected="'0.5' or '0.4'", got=repr(ngff))
+    if chunk is not None and chunk <= 0:
+        raise InputError("chunk", expected="a positive edge in pixels", got=repr(chunk))
+    files = _expand(inputs)
+    edge = chunk or _DEFAULT_CHUNK
+    source: dict[str, Any]
+    if tile_offsets is None:
+        if len(files) != 1:
+            raise InputError(
+                "inputs", expected="one image (or a tile grid with tile_offsets)",
+                got=f"{len(files)} images",
+                fix="pass --tile-offsets offsets.csv to fuse them, or convert_each()/"
+                "`semdask convert FOLDER OUTDIR` to write one store per image",
+            )
+        img, rows = _crop(open_image(files[0], page=page), crop_databar)
+        image = image_to_dask(img, edge)
+        tag_um, vendor = img.pixel_size_um, img.vendor
+        source = {"files": [str(files[0])], "vendor": vendor, "cropped_rows": rows}
+    else:
+        image, tag_um, vendor, source = _fuse(files, tile_offsets, crop_databar, edge)
+    px = _pixel_size(tag_um, vendor, pixel_size_um)
+    source["pixel_size_from"] = "argument" if pixel_size_um is not None else (
+        f"{vendor} tags" if tag_um is not None else None)
+    mosaic = sio.write_image(Path(out), image, pixel_size_um=px, chunk=edge,
+                             attrs={"source": source}, overwrite=overwrite)
+    if ngff == "0.4":
+        export = sio.export_ngff04
+        export(mosaic.path, Path(str(mosaic.path).removesuffix(".ome.zarr") + ".ngff04.ome.zarr"),
+               overwrite=overwrite)
+    return mosaic
+
+
+def _fuse(
+    files: list[Path], csv_path: PathLike, crop: bool | int, edge: int
+) -> tuple[da.Array, float | None, str | None, dict[str, Any]]:
+    rows = read_tile_offsets(csv_path)
+    csv_dir = Path(csv_path).expanduser().resolve().parent
+    by_path = {f.resolve(): f for f in files}
+    by_name: dict[str, list[Path]] = {}
+    for f in files:
+        by_name.setdefault(f.name, []).append(f)
+    tiles, offsets, names, cropped = [], [], [], []
+    for name, y, x in rows:
+        hit = by_path.get((csv_dir / name).resolve())
+        if hit is None and len(by_name.get(Path(name).name, [])) == 1:
+            hit = by_name[Path(name).name][0]
+        if hit is None:
+            raise InputError(f"tile {name!r} of {csv_path}", expected="one of the input images",
+                             got=f"no match among {len(files)} inputs",
+                             fix="pass the tiles' folder (or files) that the CSV lists")
+        tile, n = _crop(open_image(hit), crop)
+        tiles.append(tile)
+        offsets.append((y, x))
+        names.append(str(hit))
+        cropped.append(n)
+    unused = set(by_path.values()) - {Path(n) for n in names}
+    if unused:
+        log.warning("%d input images are not in %s and are ignored", len(unused), csv_path)
+    grid = TileGrid(tiles, offsets)
+    sizes = {t.pixel_size_um for t in tiles}
+    if len(sizes) > 1:
+        log.warning("tiles carry different pixel sizes %s; using the first",
+                    sorted(map(str, sizes)))
+    image = image_to_dask(grid, edge)
+    source = {"files": names, "offsets": grid.offsets, "vendor": tiles[0].vendor,
+              "cropped_rows": cropped, "tile_offsets": str(csv_path), "blending": "linear"}
+    log.info("tile grid: %d tiles fused into %s", len(tiles), grid.shape)
+    return image, tiles[0].pixel_size_um, tiles[0].vendor, source
+
+
+def convert_each(
+    inputs: Sequence[PathLike] | PathLike, out_dir: PathLike, **kwargs: Any
+) -> list[sio.Mosaic]:
+    """Convert every image of ``inputs`` (files and/or folders) to ``OUT_DIR/<stem>.ome.zarr``.
+
+    Keyword arguments are those of :func:`convert` (except ``tile_offsets``).
+    """
+    if kwargs.get("tile_offsets") is not None:
+        raise InputError("tile_offsets", expected="None for convert_each",
+                         got=repr(kwargs["tile_offsets"]), fix="use convert() for a tile grid")
+    files = _expand(inputs)
+    stems = [f.stem for f in files]
+    dupes = sorted({s for s in stems if stems.count(s) > 1})
+    if dupes:
+        raise InputError("inputs", expected="distinct file stems", got=f"duplicates {dupes}",
+                         fix="rename the files or convert them separately")
+    root = Path(out_dir).expanduser()
+    if root.exists() and not root.is_dir():
+        raise UnsafePathError(f"{root}", expected="a folder for the stores", got="a file")
+    root.mkdir(parents=True, exist_ok=True)
+    return [convert([f], root / f"{f.stem}.ome.zarr", **kwargs) for f in files]

@@ -1,0 +1,274 @@
+"""Graph builders: blended U-Net inference over a whole mosaic with ``map_overlap``.
+
+The mosaic is padded once, globally (reflect, up to a multiple of the grid
+step), cut into chunks whose edges sit on that grid, and each chunk plus halo
+goes through one kernel of :mod:`semdask.predict`. The halo is derived from the
+parameters: ``tiling.window_halo(window, stride)`` for blended windows, the
+receptive-field radius rounded up to 16 px for the whole-chunk mode. Every
+chunk therefore sees exactly the context a single global pass would, so the
+output does not depend on the chunking.
+
+The model travels to workers as a path and a hash, never as a pickled object:
+each worker process loads it once (:func:`semdask.model.get_model`).
+
+Examples
+--------
+>>> plan = plan_inference((5000, 7000), mode="window", window=256, overlap=0.25, chunk=1000)
+>>> plan.stride, plan.halo, plan.chunk, plan.padded_shape
+(192, 192, 1152, (5184, 7104))
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+from . import config
+from .errors import InputError
+from .normalise import NormStats
+from .normalise import apply as normalise
+from .tiling import (
+    align_up,
+    blend_weights,
+    chunk_edge,
+    receptive_field_halo,
+    stride_for,
+    window_halo,
+)
+
+__all__ = [
+    "MODES",
+    "InferencePlan",
+    "blended_probs",
+    "confidence_from_probs",
+    "labels_from_probs",
+    "plan_inference",
+]
+
+log = logging.getLogger(__name__)
+
+MODES = ("window", "whole-chunk")
+NET_MULTIPLE = 16  # total down-sampling of the default U-Net (4 poolings)
+
+
+@dataclass(frozen=True)
+class InferencePlan:
+    """Geometry of one inference run (all derived from the parameters)."""
+
+    mode: str
+    shape: tuple[int, int]
+    window: int
+    stride: int
+    halo: int
+    chunk: int
+    grid: int
+    padded_shape: tuple[int, int]
+    blend: str = "gaussian"
+
+    @property
+    def chunks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Core chunks of the padded mosaic (edges on the grid, none smaller than the halo)."""
+        return (_core_chunks(self.padded_shape[0], self.chunk, self.halo),
+                _core_chunks(self.padded_shape[1], self.chunk, self.halo))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _core_chunks(length: int, edge: int, minimum: int) -> tuple[int, ...]:
+    n, rem = divmod(length, edge)
+    sizes = [edge] * n
+    if rem:
+        if sizes and rem < max(minimum, 1):
+            sizes[-1] += rem  # merge a sliver into its neighbour: map_overlap needs >= halo
+        else:
+            sizes.append(rem)
+    return tuple(sizes) if sizes else (length,)
+
+
+def plan_inference(
+    shape: tuple[int, int],
+    *,
+    mode: str = "window",
+    window: int = 256,
+    overlap: float = 0.25,
+    chunk: int = 1536,
+    receptive_field: int = 188,
+    blend: str = "gaussian",
+) -> InferencePlan:
+    """Derive stride, halo, chunk edge and global padding from the parameters.
+
+    Raises
+    ------
+    InputError
+        For an unknown mode, a window that is not a multiple of 16, or a mosaic
+        smaller than one window.
+    """
+    if mode not in MODES:
+        raise InputError("mode", expected=f"one of {', '.join(MODES)}", got=repr(mode))
+    if len(shape) != 2:
+        raise InputError("mosaic", expected="a 2-D (y, x) image", got=f"shape {shape}",
+                         fix="select one plane or channel before segmenting")
+    if window % NET_MULTIPLE:
+        raise InputError("window", expected=f"a multiple of {NET_MULTIPLE} px (the U-Net "
+                         "pools 4 times)", got=str(window),
+                         fix=f"use --window {align_up(window, NET_MULTIPLE)}")
+    if min(shape) < window:
+        raise InputError("mosaic", expected=f"at least one window ({window} x {window} px)",
+                         got=f"an image of {shape[0]} x {shape[1]} px",
+                         fix=f"use a smaller --window (a multiple of 16 <= {min(shape)}), "
+                         "or pad the image")
+    if mode == "window":
+        stride = stride_for(window, overlap)
+        halo = window_halo(window, stride)
+        grid = stride
+    else:
+        stride = window
+        halo = receptive_field_halo(receptive_field, NET_MULTIPLE)
+        grid = NET_MULTIPLE
+    edge = chunk_edge(chunk, multiple=grid, minimum=max(halo, grid))
+    padded = (align_up(shape[0], grid), align_up(shape[1], grid))
+    return InferencePlan(mode, (int(shape[0]), int(shape[1])), window, stride, halo, edge, grid,
+                         padded, blend)
+
+
+@functools.lru_cache(maxsize=8)
+def _weights(window: int, blend: str) -> np.ndarray:
+    return blend_weights(window, blend)
+
+
+def _chunk_task(
+    block: np.ndarray,
+    *,
+    plan: InferencePlan,
+    model: Any,
+    model_sha: str | None,
+    stats: NormStats,
+    precision: str,
+    batch_size: int,
+    device: str,
+    activation: str = "softmax",
+    block_id: tuple[int, ...] | None = None,
+) -> np.ndarray:
+    from .predict import predict_whole, predict_windows, resolve_device
+
+    assert block_id is not None
+    iy, ix = block_id[-2], block_id[-1]
+    ych, xch = plan.chunks
+    cy0, cx0 = sum(ych[:iy]), sum(xch[:ix])
+    cy1, cx1 = cy0 + ych[iy], cx0 + xch[ix]
+    dev = resolve_device(device)
+    if isinstance(model, str):  # the usual case: each worker process loads the file once
+        from .model import get_model
+
+        model = get_model(model, dev)[0]
+    else:
+        model = model.to(dev)
+    x = normalise(block, stats)
+    h = plan.halo
+    if plan.mode == "window":
+        return predict_windows(
+            x, model, origin=(cy0 - h, cx0 - h), core=(cy0, cy1, cx0, cx1),
+            window=plan.window, stride=plan.stride, weights=_weights(plan.window, plan.blend),
+            batch_size=batch_size, device=dev, precision=precision,
+            channels_last=dev.type == "cuda", activation=activation)
+    return predict_whole(x, model, core=(h, h + cy1 - cy0, h, h + cx1 - cx0), device=dev,
+                         precision=precision, channels_last=True, activation=activation)
+
+
+def blended_probs(
+    image: da.Array,
+    model: Any,
+    *,
+    n_classes: int,
+    stats: NormStats,
+    plan: InferencePlan,
+    model_sha: str | None = None,
+    precision: str | None = None,
+    batch_size: int | str | None = None,
+    device: str = "auto",
+    activation: str = "softmax",
+) -> da.Array:
+    """Class probabilities ``(C, y, x)`` float32 of a whole mosaic, lazily.
+
+    Parameters
+    ----------
+    image : dask.array.Array, (y, x)
+        The mosaic at native dtype (normalised inside the kernel with ``stats``).
+    model : str or torch.nn.Module
+        A safetensors model file readable by every worker (loaded once per worker
+        process), or an in-memory module (for tests and the threaded scheduler: a
+        module is pickled into every task on a distributed cluster).
+    n_classes : int
+        Output classes of the model.
+    stats : NormStats
+        Mosaic-wide normalisation (computed once, never per chunk).
+    plan : InferencePlan
+        From :func:`plan_inference` for this image's shape.
+
+    Returns
+    -------
+    dask.array.Array
+        Chunked ``(C, chunk, chunk)`` with the core chunk grid of ``plan``, cropped to
+        the mosaic; chunk edges are multiples of ``plan.chunk``, ready for
+        shard-aligned writes.
+    """
+    if tuple(image.shape) != plan.shape:
+        raise InputError("plan", expected=f"a plan for shape {image.shape}", got=str(plan.shape))
+    precision = config.resolve(precision, "segment.precision")
+    batch_size = config.resolve(batch_size, "segment.batch-size")
+    if batch_size == "auto":
+        batch_size = 16 if device == "cuda" or (device == "auto" and _has_cuda()) else 1
+    # One global mirror-symmetric extension (halo on the left, grid remainder + halo on the
+    # right), cut so that every block is core + 2 halo: the outer chunks carry the padding,
+    # the inner ones get their halo from their neighbours (boundary "none").
+    h = plan.halo
+    pad = [(h, p - s + h) for p, s in zip(plan.padded_shape, plan.shape, strict=True)]
+    x = da.pad(image, pad, mode="symmetric") if h or any(p[1] for p in pad) else image
+    x = x.rechunk(tuple(_with_pad(c, h) for c in plan.chunks))
+    task = functools.partial(
+        _chunk_task, plan=plan, model=str(model) if isinstance(model, (str, os.PathLike))
+        else model, model_sha=model_sha, stats=stats,
+        precision=str(precision), batch_size=int(batch_size), device=device,
+        activation=activation)
+    probs = da.map_overlap(
+        task, x, depth=h, boundary="none", trim=False, new_axis=0,
+        chunks=((n_classes,), *plan.chunks), dtype=np.float32,
+        meta=np.empty((0, 0, 0), np.float32), name="semdask-infer")
+    if plan.padded_shape != plan.shape:
+        probs = probs[:, : plan.shape[0], : plan.shape[1]]
+    return probs
+
+
+def _with_pad(chunks: tuple[int, ...], halo: int) -> tuple[int, ...]:
+    out = list(chunks)
+    out[0] += halo
+    out[-1] += halo
+    return tuple(out)
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def labels_from_probs(probs: da.Array) -> da.Array:
+    """Integer class map (uint8) from probabilities ``(C, y, x)``: blend probs, never labels."""
+    return da.map_blocks(lambda p: p.argmax(axis=0).astype(np.uint8), probs, drop_axis=0,
+                         dtype=np.uint8, meta=np.empty((0, 0), np.uint8))
+
+
+def confidence_from_probs(probs: da.Array) -> da.Array:
+    """Confidence = maximum class probability, float16 ``(y, x)``."""
+    return da.map_blocks(lambda p: p.max(axis=0).astype(np.float16), probs, drop_axis=0,
+                         dtype=np.float16, meta=np.empty((0, 0), np.float16))
