@@ -302,7 +302,8 @@ def preview(mosaic: str, out_png: str, name: str, level: int | None, max_side: i
     """Write an overlay PNG of image and labels at one pyramid level."""
     from .plot import preview as run
 
-    click.echo(f"wrote {run(mosaic, out_png, labels=name, level=level, alpha=alpha, max_side=max_side)}")
+    png = run(mosaic, out_png, labels=name, level=level, alpha=alpha, max_side=max_side)
+    click.echo(f"wrote {png}")
 
 
 @main.command()

@@ -299,7 +299,7 @@ def convert(
         Chunk (shard) edge in pixels for reading and writing (default: the store's).
     ngff : {"0.5", "0.4"}
         ``"0.4"`` also writes an NGFF 0.4 export (for Fiji/QuPath) via
-        :func:`semdask.io.export_ngff04`.
+        :func:`semdask.export.export_ngff04`.
     overwrite : bool
         Replace an existing store.
     page : int, optional
@@ -344,9 +344,10 @@ def convert(
     mosaic = sio.write_image(Path(out), image, pixel_size_um=px, chunk=edge,
                              attrs={"source": source}, overwrite=overwrite)
     if ngff == "0.4":
-        export = sio.export_ngff04
-        export(mosaic.path, Path(str(mosaic.path).removesuffix(".ome.zarr") + ".ngff04.ome.zarr"),
-               overwrite=overwrite)
+        from .export import export_ngff04
+
+        dst = Path(str(mosaic.path).removesuffix(".ome.zarr") + ".ngff04.ome.zarr")
+        export_ngff04(mosaic.path, dst, overwrite=overwrite)
     return mosaic
 
 

@@ -67,8 +67,8 @@ def run_demo(
 
     The mosaic store is rewritten on every run (it lives in the demo's own folder).
     """
-    from .segment import segment
     from .plot import preview
+    from .segment import segment
     from .synthetic import SynthParams, synthetic_mosaic
 
     work = Path(workdir)
@@ -82,7 +82,8 @@ def run_demo(
                               params=SynthParams(nio_fraction=nio_fraction))
     sio.write_synthetic(path, mosaic, overwrite=True, client=client)
     t["synth"] = time.perf_counter() - t0
-    echo(f"[2/4] segmenting with the bundled model on {'a local Dask cluster' if client else 'threads'}")
+    where = "a local Dask cluster" if client else "threads"
+    echo(f"[2/4] segmenting with the bundled model on {where}")
     t0 = time.perf_counter()
     r = segment(path, mode=mode, precision=precision, chunk=chunk, client=client, overwrite=True)
     t["segment"] = time.perf_counter() - t0

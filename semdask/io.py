@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 import logging
 import re
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from dask.delayed import Delayed
 
 from . import config, ome
 from .errors import IncompleteOutputError, InputError, StoreError, UnsafePathError
+from .paths import is_store, validate_input_path, validate_output_path
 from .tiling import inner_chunk
 
 __all__ = [
@@ -47,7 +47,6 @@ __all__ = [
     "begin_extra_image",
     "begin_labels",
     "create_array",
-    "export_ngff04",
     "finish_group",
     "open_extra_image",
     "open_labels",
@@ -70,92 +69,12 @@ _RERUN = "re-run the command; the previous run was interrupted"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
 
-# ------------------------------------------------------------------ paths
-
-
-def validate_input_path(path: PathLike, *, kind: Literal["any", "file", "dir"] = "any") -> Path:
-    """Return the resolved (symlink-free) path of an existing input.
-
-    Raises
-    ------
-    UnsafePathError
-        When nothing is there, a symlink is broken, or it is a file/directory
-        where the other is needed.
-    """
-    p = Path(path).expanduser()
-    if not p.exists():
-        got = f"a broken symlink to {p.readlink()}" if p.is_symlink() else "nothing there"
-        raise UnsafePathError(f"input {p}", expected="an existing path", got=got,
-                              fix="check the spelling and the working directory")
-    p = p.resolve(strict=True)
-    if kind == "file" and not p.is_file():
-        raise UnsafePathError(f"input {p}", expected="a file", got="a directory",
-                              fix="pass the image file itself")
-    if kind == "dir" and not p.is_dir():
-        raise UnsafePathError(f"input {p}", expected="a directory (e.g. an .ome.zarr store)",
-                              got="a file")
-    return p
-
-
-def _is_store(p: Path) -> bool:
-    return p.is_dir() and any((p / f).is_file() for f in ("zarr.json", ".zgroup", ".zattrs"))
-
-
-def validate_output_path(
-    path: PathLike, *, overwrite: bool, input_path: PathLike | None = None
-) -> Path:
-    """Check an output store path, remove an old store when ``overwrite``, create parents.
-
-    Only a directory that looks like a Zarr store (``zarr.json``/``.zgroup``) is ever
-    deleted; an empty directory is reused; anything else is refused.
-
-    Raises
-    ------
-    UnsafePathError
-        When the output exists (and ``overwrite`` is False), is a file, a symlink or
-        a non-store directory, or equals / contains / lies inside ``input_path``.
-    """
-    raw = Path(path).expanduser()
-    p = raw.resolve()
-    if input_path is not None:
-        inp = Path(input_path).expanduser().resolve()
-        if p == inp or p.is_relative_to(inp) or inp.is_relative_to(p):
-            raise UnsafePathError(f"output {p}", expected="a path outside the input",
-                                  got=f"a path overlapping the input {inp}",
-                                  fix="choose a different output path")
-    if raw.is_symlink():
-        raise UnsafePathError(f"output {raw}", expected="a new path", got="a symlink",
-                              fix="remove the symlink or choose another output path")
-    if p.exists():
-        if not p.is_dir():
-            raise UnsafePathError(f"output {p}", expected="a new directory path",
-                                  got="an existing file", fix="choose another output path")
-        if any(p.iterdir()):
-            if not _is_store(p):
-                raise UnsafePathError(
-                    f"output {p}", expected="a new path or an existing Zarr store",
-                    got="a non-empty directory that is not a Zarr store",
-                    fix="choose another output path (semdask never deletes other directories)")
-            if not overwrite:
-                raise UnsafePathError(f"output {p}", expected="a new path",
-                                      got="an existing Zarr store",
-                                      fix="pass overwrite=True (--overwrite) to replace it")
-            log.info("removing existing store %s", p)
-            shutil.rmtree(p)
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UnsafePathError(f"output {p}", expected="a creatable parent directory",
-                              got=f"{type(e).__name__}: {e.strerror}") from e
-    return p
-
-
 # ------------------------------------------------------------------ attributes
 
 
 def _group(path: PathLike, group: str = "", mode: Literal["r", "r+"] = "r") -> zarr.Group:
     p = Path(path)
-    if not _is_store(p):
+    if not is_store(p):
         raise StoreError(f"{p}", expected="a Zarr store", got="no zarr.json there")
     try:
         root = zarr.open_group(store=str(p), mode=mode)
@@ -355,7 +274,7 @@ def open_mosaic(path: PathLike) -> Mosaic:
         raise StoreError(f"{p}", expected="an OME-Zarr store (a directory)", got=kind,
                          fix=convert)
     if not (p / "zarr.json").is_file():
-        got = "a Zarr v2 / OME-Zarr 0.4 store" if _is_store(p) else "a directory, no zarr.json"
+        got = "a Zarr v2 / OME-Zarr 0.4 store" if is_store(p) else "a directory, no zarr.json"
         raise StoreError(f"{p}", expected="an OME-Zarr 0.5 store", got=got, fix=convert)
     attrs = read_attrs(p)
     ms = ome.multiscales_of(attrs)
@@ -614,47 +533,3 @@ def write_synthetic(path: PathLike, mosaic: Any, *, overwrite: bool = False,
     for g in ("labels/truth", "eds", ""):
         finish_group(p, g)
     return open_mosaic(p)
-
-
-# ------------------------------------------------------------------ NGFF 0.4 export
-
-
-def _copy_v2(g: zarr.Group, levels: list[da.Array], chunk: int) -> None:
-    import numcodecs
-
-    level = int(config.get("store.compressor-level", 5))
-    comp = numcodecs.Blosc(cname="zstd", clevel=level, shuffle=numcodecs.Blosc.SHUFFLE)
-    for i, x in enumerate(levels):
-        arr = g.create_array(str(i), shape=x.shape, dtype=x.dtype, chunks=(chunk,) * x.ndim,
-                             compressors=comp, fill_value=0,
-                             chunk_key_encoding={"name": "v2", "separator": "/"})
-        store_blocks([align_to(x, arr)], [arr])
-
-
-def export_ngff04(src: PathLike, dst: PathLike, *, overwrite: bool = False,
-                  chunk: int = 1024) -> Path:
-    """Copy the image pyramid and labels of ``src`` to a Zarr v2 / OME-NGFF 0.4 store.
-
-    For Fiji (MoBIE/n5-viewer), QuPath and older napari; unsharded ``chunk``-edge chunks.
-    """
-    m = open_mosaic(src)
-    p = validate_output_path(dst, overwrite=overwrite, input_path=m.path)
-    sem = {**(m.attrs.get("semdask") or {}), "exported_from": str(m.path), "complete": False}
-    root = zarr.create_group(store=str(p), zarr_format=2, attributes={
-        **ome.image_attrs(m.levels, pixel_size_um=m.pixel_size_um, name=m.path.name,
-                          version="0.4"), "semdask": sem})
-    _copy_v2(root, [m.level(i) for i in range(m.levels)], chunk)
-    try:
-        names = (read_attrs(m.path, "labels").get("ome") or {}).get("labels", [])
-    except StoreError:
-        names = []
-    if names:
-        lg = root.create_group("labels", attributes=ome.labels_attrs(names, version="0.4"))
-        for name in names:
-            lab = open_labels(m.path, name)
-            g = lg.create_group(name, attributes=ome.image_label_attrs(
-                lab.levels, classes=lab.classes, colours=lab.colours,
-                pixel_size_um=m.pixel_size_um, name=name, version="0.4"))
-            _copy_v2(g, [lab.level(i) for i in range(lab.levels)], chunk)
-    set_complete(p)
-    return p

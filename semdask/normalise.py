@@ -12,7 +12,7 @@ Examples
 >>> st = stats_from_histogram(np.bincount(img.ravel(), minlength=256), 0.0, 100.0)
 >>> st.low, st.high
 (0.0, 99.0)
->>> apply(img, st)[0, :3].round(4).tolist()
+>>> [round(float(v), 4) for v in apply(img, st)[0, :3]]
 [0.0, 0.0101, 0.0202]
 """
 
@@ -78,7 +78,9 @@ def stats_from_histogram(
     return NormStats(lo, hi, low_percentile, high_percentile)
 
 
-def compute_stats(image: Any, low_percentile: float = 0.5, high_percentile: float = 99.5) -> NormStats:
+def compute_stats(
+    image: Any, low_percentile: float = 0.5, high_percentile: float = 99.5
+) -> NormStats:
     """Mosaic-wide percentiles of a dask (or numpy) image, from pooled counts.
 
     Integer images use an exact per-grey-level histogram; float images are
@@ -123,5 +125,5 @@ def _bincount(x: Any, nbins: int) -> Any:
             (1,) * b.ndim + (nbins,))
 
     parts = da.map_blocks(_count, x, dtype=np.int64, new_axis=x.ndim,
-                          chunks=tuple((1,) * n for n in x.numblocks) + ((nbins,),))
+                          chunks=(*((1,) * n for n in x.numblocks), (nbins,)))
     return parts.sum(axis=tuple(range(x.ndim)))

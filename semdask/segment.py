@@ -20,7 +20,6 @@ import numpy as np
 
 from . import __version__, config
 from . import io as sio
-
 from .infer import (
     InferencePlan,
     blended_probs,
@@ -113,7 +112,7 @@ def segment(
     -------
     SegmentResult
     """
-    from .model import load_model, model_hash, bundled_model_path
+    from .model import bundled_model_path, load_model, model_hash
 
     t0 = time.perf_counter()
     m = sio.open_mosaic(mosaic)

@@ -69,64 +69,35 @@ _M1, _M2, _K1, _K2 = (np.uint64(c) for c in (
 class SynthParams:
     """Parameters of the synthetic electrode and of image formation (lengths in pixels).
 
-    Attributes
-    ----------
-    pixel_size_um : float
-        Pixel size in µm (default: the paper's 0.04458 µm).
-    nio_fraction : float
-        Share of the Ni that is oxidised to NiO, in [0, 1] (0: no NiO; mimics oxidation time).
-    porosity : float
-        Target pore area fraction, in (0, 0.6).
-    ni_fraction : float
-        Target area fraction of Ni + NiO particles, in (0, 0.6).
-    ni_radius : tuple of float
-        Min and max mean radius of Ni particles (px).
-    ysz_grain : int
-        YSZ grain size (Worley cell edge, px).
-    pore_scale : float
-        Correlation length of the pore field (px).
-    grey : tuple of float
-        Mean clean grey level of pore, Ni, NiO, YSZ in [0, 1] (Ni and YSZ overlap).
-    noise : float
-        Sigma of the additive Gaussian noise (eq. 2), in grey units [0, 1].
-    photons : float
-        C of eq. 2 (counts at full scale); 0 disables the Poisson term.
-    blur : float
-        Gaussian PSF sigma (px); 0 disables.
-    drift : float
-        Relative amplitude of the slow brightness drift across the mosaic.
-    drift_scale : float
-        Length scale of the drift (px).
-    tile_size : int
-        Acquisition tile edge (px); each tile has its own gain/offset step.
-    tile_step : float
-        Relative amplitude of the tile-to-tile gain step (offset step is half of it).
-    eds_shift : tuple of int
-        True misregistration (dy, dx) of the EDS maps, in image pixels (EDS px = this / 4).
-    eds_blur : float
-        EDS interaction-volume sigma, in image pixels.
-    eds_counts : float
-        X-ray counts per EDS pixel at full signal (sets the EDS noise).
+    Each field is documented by its ``#:`` comment; invalid values raise
+    :class:`~semdask.errors.InputError`. Fractions are area fractions of the image.
+
+    Examples
+    --------
+    >>> SynthParams(nio_fraction=0.5).porosity
+    0.3
     """
 
-    pixel_size_um: float = 0.04458
-    nio_fraction: float = 0.25
-    porosity: float = 0.30
-    ni_fraction: float = 0.33
-    ni_radius: tuple[float, float] = (9.0, 20.0)
-    ysz_grain: int = 8
-    pore_scale: float = 56.0
+    pixel_size_um: float = 0.04458  #: pixel size in µm (the paper's)
+    nio_fraction: float = 0.25  #: share of the Ni oxidised to NiO, [0, 1] (oxidation time)
+    porosity: float = 0.30  #: target pore fraction
+    ni_fraction: float = 0.33  #: target Ni + NiO fraction
+    ni_radius: tuple[float, float] = (9.0, 20.0)  #: min, max Ni particle radius (px)
+    ysz_grain: int = 8  #: YSZ grain size (Worley cell edge, px)
+    pore_scale: float = 56.0  #: length scale of the pore / YSZ-network field (px)
+    #: mean clean grey of pore, Ni, NiO, YSZ in [0, 1] (Ni and YSZ overlap; texture differs)
     grey: tuple[float, float, float, float] = (0.10, 0.58, 0.42, 0.55)
-    noise: float = 0.015
-    photons: float = 1000.0
-    blur: float = 1.0
-    drift: float = 0.05
-    drift_scale: float = 6000.0
-    tile_size: int = 2048
-    tile_step: float = 0.03
+    noise: float = 0.015  #: sigma of the additive Gaussian noise of eq. 2 (grey units)
+    photons: float = 1000.0  #: C of eq. 2 (counts at full scale); 0 disables Poisson noise
+    blur: float = 1.0  #: Gaussian PSF sigma (px); 0 disables
+    drift: float = 0.05  #: relative amplitude of the slow brightness drift
+    drift_scale: float = 6000.0  #: length scale of the drift (px)
+    tile_size: int = 2048  #: acquisition tile edge (px)
+    tile_step: float = 0.03  #: relative tile-to-tile gain step (offset step: half of it)
+    #: true EDS misregistration (dy, dx) in image px: features appear shifted by this / 4 EDS px
     eds_shift: tuple[int, int] = (3, -2)
-    eds_blur: float = 8.0
-    eds_counts: float = 40.0
+    eds_blur: float = 8.0  #: EDS interaction-volume sigma (image px)
+    eds_counts: float = 40.0  #: X-ray counts per EDS pixel at full signal (EDS noise)
 
     def __post_init__(self) -> None:
         r = self.ni_radius
@@ -167,21 +138,9 @@ class SynthParams:
 
 @dataclass(frozen=True)
 class SyntheticMosaic:
-    """A lazily built synthetic mosaic.
-
-    Attributes
-    ----------
-    image : dask.array.Array
-        uint8 (y, x) SEM image.
-    truth : dask.array.Array
-        uint8 (y, x) class ids (indices into :data:`PHASES`).
-    eds : dask.array.Array
-        float32 (3, ceil(y/4), ceil(x/4)) EDS maps Ni, O, Zr.
-    pixel_size_um : float
-        Image pixel size (EDS pixels are 4x larger).
-    params : SynthParams
-    seed : int
-    """
+    """A lazily built synthetic mosaic: dask arrays ``image`` uint8 (y, x), ``truth`` uint8
+    (y, x) class ids (indices into :data:`PHASES`), ``eds`` float32 (3, ceil(y/4), ceil(x/4))
+    maps Ni, O, Zr (pixel 4 x ``pixel_size_um``), plus the ``params`` and ``seed`` used."""
 
     image: Any
     truth: Any
@@ -469,21 +428,13 @@ def render_eds(y0: int, x0: int, h: int, w: int, *, seed: int = 0,
     return _form_eds(truth, y0, x0, h, w, seed, p)
 
 
-def _render_chunk(y0: int, x0: int, h: int, w: int, seed: int,
-                  p: SynthParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Image, truth and EDS of one mosaic chunk from one shared microstructure pass."""
-    m = _image_margin(p)
-    eh, ew = -(-h // 4), -(-w // 4)
-    ey, ex, ehh, eww = _eds_window(y0 // 4, x0 // 4, eh, ew, p)
-    uy, ux = min(y0 - m, ey), min(x0 - m, ex)
-    uh, uw = max(y0 + h + m, ey + ehh) - uy, max(x0 + w + m, ex + eww) - ux
-    truth, clean = _microstructure(uy, ux, uh, uw, seed, p)
-    assert clean is not None
-    iy, ix = y0 - m - uy, x0 - m - ux
-    image = _form_image(clean[iy:iy + h + 2 * m, ix:ix + w + 2 * m].copy(), y0, x0, h, w, seed, p)
-    eds = _form_eds(truth[ey - uy:ey - uy + ehh, ex - ux:ex - ux + eww], y0 // 4, x0 // 4, eh,
-                    ew, seed, p)
-    return image, truth[iy + m:iy + m + h, ix + m:ix + m + w].copy(), eds
+def _chunk(kind: str, y0: int, x0: int, h: int, w: int, seed: int, p: SynthParams) -> Any:
+    """One mosaic chunk; each output renders only what it needs (truth and EDS skip the grey)."""
+    if kind == "image":
+        return render_region(y0, x0, h, w, seed=seed, params=p)[0]
+    if kind == "truth":
+        return _microstructure(y0, x0, h, w, seed, p, grey=False)[0]
+    return render_eds(y0 // 4, x0 // 4, -(-h // 4), -(-w // 4), seed=seed, params=p)
 
 
 def synthetic_mosaic(shape: tuple[int, int], *, seed: int = 0, chunk: int = 2048,
@@ -522,17 +473,18 @@ def synthetic_mosaic(shape: tuple[int, int], *, seed: int = 0, chunk: int = 2048
                          fix="e.g. chunk=2048")
     H, W = (int(s) for s in shape)
     p = _check(H, W, seed, params)
-    rows_i, rows_t, rows_e = [], [], []
-    for y0 in range(0, H, chunk):
-        ri, rt, re = [], [], []
-        for x0 in range(0, W, chunk):
-            h, w = min(chunk, H - y0), min(chunk, W - x0)
-            d = dask.delayed(_render_chunk, pure=True, nout=3)(y0, x0, h, w, int(seed), p)
-            ri.append(da.from_delayed(d[0], (h, w), np.uint8))
-            rt.append(da.from_delayed(d[1], (h, w), np.uint8))
-            re.append(da.from_delayed(d[2], (3, -(-h // 4), -(-w // 4)), np.float32))
-        rows_i.append(ri)
-        rows_t.append(rt)
-        rows_e.append([re])
-    eds = da.concatenate([da.concatenate(r[0], axis=2) for r in rows_e], axis=1)
-    return SyntheticMosaic(da.block(rows_i), da.block(rows_t), eds, p.pixel_size_um, p, int(seed))
+
+    def grid(kind: str, dtype: Any) -> Any:
+        rows = []
+        for y0 in range(0, H, chunk):
+            row = []
+            for x0 in range(0, W, chunk):
+                h, w = min(chunk, H - y0), min(chunk, W - x0)
+                shp = (3, -(-h // 4), -(-w // 4)) if kind == "eds" else (h, w)
+                d = dask.delayed(_chunk, pure=True)(kind, y0, x0, h, w, int(seed), p)
+                row.append(da.from_delayed(d, shp, dtype=dtype))
+            rows.append(row)
+        return da.block(rows)
+
+    return SyntheticMosaic(grid("image", np.uint8), grid("truth", np.uint8),
+                           grid("eds", np.float32), p.pixel_size_um, p, int(seed))

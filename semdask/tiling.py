@@ -73,7 +73,7 @@ def stride_for(window: int, overlap: float) -> int:
             got=repr(overlap),
             fix="use e.g. --overlap 0.25 (stride = 0.75 x window) or 0.5",
         )
-    return max(1, int(round(window * (1.0 - overlap))))
+    return max(1, round(window * (1.0 - overlap)))
 
 
 def window_halo(window: int, stride: int) -> int:
@@ -171,7 +171,7 @@ def receptive_field_halo(receptive_field: int, multiple: int = 16) -> int:
     >>> receptive_field_halo(188)
     96
     """
-    return align_up(int(math.ceil(receptive_field / 2)), multiple)
+    return align_up(math.ceil(receptive_field / 2), multiple)
 
 
 def chunk_edge(requested: int, *, multiple: int, minimum: int = 0) -> int:

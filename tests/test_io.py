@@ -20,6 +20,7 @@ from ome_zarr_models.v05.labels import Labels as Labels05
 
 from semdask import __version__, io
 from semdask.errors import IncompleteOutputError, StoreError, UnsafePathError
+from semdask.export import export_ngff04
 
 CLASSES = ["pore", "Ni", "NiO", "YSZ"]
 COLOURS = [(0, 0, 0, 255), (200, 200, 0, 255), (0, 128, 255, 255), (90, 90, 90, 255)]
@@ -293,7 +294,7 @@ def test_open_mosaic_errors(tmp_path: Path) -> None:
 def test_export_ngff04_validates(store: io.Mosaic, tmp_path: Path) -> None:
     lab = np.random.default_rng(5).integers(0, 4, store.image.shape).astype(np.uint8)
     io.write_labels(store.path, lab, classes=CLASSES, colours=COLOURS)
-    dst = io.export_ngff04(store.path, tmp_path / "out.ngff04.zarr", chunk=128)
+    dst = export_ngff04(store.path, tmp_path / "out.ngff04.zarr", chunk=128)
     assert (dst / ".zgroup").is_file()
     assert (dst / "0" / "0" / "0").is_file()  # "/" dimension separator
     root = zarr.open_group(dst, mode="r", zarr_format=2)
@@ -307,7 +308,7 @@ def test_export_ngff04_validates(store: io.Mosaic, tmp_path: Path) -> None:
     assert root["0"].chunks == (128, 128)
     assert root.attrs["semdask"]["complete"] is True
     with pytest.raises(UnsafePathError):
-        io.export_ngff04(store.path, store.path / "inside.zarr")
+        export_ngff04(store.path, store.path / "inside.zarr")
 
 
 @settings(max_examples=15, deadline=None,

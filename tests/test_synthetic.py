@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -28,7 +29,8 @@ def big() -> tuple[np.ndarray, np.ndarray]:
 
 def test_public_constants() -> None:
     assert PHASES == ("pore", "Ni", "NiO", "YSZ")
-    assert len(COLOURS) == 4 and all(len(c) == 4 and all(0 <= v <= 255 for v in c)
+    assert len(COLOURS) == 4
+    assert all(len(c) == 4 and all(0 <= v <= 255 for v in c)
                                      for c in COLOURS)
     assert SynthParams().pixel_size_um == pytest.approx(0.04458)
 
@@ -53,7 +55,8 @@ def test_mosaic_is_chunk_invariant_and_matches_render_region() -> None:
     a = synthetic_mosaic((200, 264), seed=2, chunk=64)
     b = synthetic_mosaic((200, 264), seed=2, chunk=128)
     assert a.image.chunks == ((64, 64, 64, 8), (64, 64, 64, 64, 8))
-    assert a.eds.shape == (3, 50, 66) and a.eds.dtype == np.float32
+    assert a.eds.shape == (3, 50, 66)
+    assert a.eds.dtype == np.float32
     assert a.image.dtype == a.truth.dtype == np.uint8
     ia, ta, ea = dask.compute(a.image, a.truth, a.eds)
     ib, tb, eb = dask.compute(b.image, b.truth, b.eds)
@@ -61,7 +64,8 @@ def test_mosaic_is_chunk_invariant_and_matches_render_region() -> None:
     for x, y in [(ia, ib), (ta, tb), (ea, eb), (ia, img), (ta, truth),
                  (ea, render_eds(0, 0, 50, 66, seed=2))]:
         np.testing.assert_array_equal(x, y)
-    assert a.pixel_size_um == pytest.approx(0.04458) and a.seed == 2
+    assert a.pixel_size_um == pytest.approx(0.04458)
+    assert a.seed == 2
     assert not np.array_equal(render_region(0, 0, 64, 64, seed=3)[0], img[:64, :64])
 
 
@@ -69,10 +73,11 @@ def test_phase_fractions_are_realistic(big: tuple[np.ndarray, np.ndarray]) -> No
     frac = np.bincount(big[1].ravel(), minlength=4) / big[1].size
     assert 0.25 <= frac[PORE] <= 0.36
     assert 0.27 <= frac[NI] + frac[NIO] <= 0.38
-    assert 0.15 <= frac[NI] <= 0.30 and 0.03 <= frac[NIO] <= 0.12
+    assert 0.15 <= frac[NI] <= 0.30
+    assert 0.03 <= frac[NIO] <= 0.12
     assert 0.32 <= frac[YSZ] <= 0.46
     # YSZ forms a network: one connected cluster holds most of it (2-D section)
-    lab, n = ndi.label(big[1] == YSZ)
+    lab, _n = ndi.label(big[1] == YSZ)
     assert np.bincount(lab.ravel())[1:].max() > 0.6 * (big[1] == YSZ).sum()
 
 
@@ -80,10 +85,11 @@ def test_nio_fraction_controls_nio_share() -> None:
     shares = []
     for f in (0.0, 0.1, 0.3, 0.6, 1.0):
         _, t = render_region(0, 0, 384, 384, seed=5, params=SynthParams(nio_fraction=f))
-        shares.append(((t == NIO).sum() / max(1, np.isin(t, (NI, NIO)).sum())))
+        shares.append((t == NIO).sum() / max(1, np.isin(t, (NI, NIO)).sum()))
     assert shares[0] == 0
-    assert all(b > a for a, b in zip(shares, shares[1:], strict=False))
-    assert shares[-1] > 0.95 and 0.15 < shares[2] < 0.45
+    assert all(b > a for a, b in itertools.pairwise(shares))
+    assert shares[-1] > 0.95
+    assert 0.15 < shares[2] < 0.45
 
 
 def test_ni_and_ysz_overlap_in_grey_but_differ_in_texture(
@@ -133,7 +139,9 @@ def test_tiles_have_brightness_steps() -> None:
 def test_eds_maps_follow_the_phases() -> None:
     p = SynthParams(eds_shift=(0, 0))
     eds = render_eds(0, 0, 96, 96, seed=7, params=p)
-    assert eds.shape == (3, 96, 96) and eds.dtype == np.float32 and eds.min() >= 0
+    assert eds.shape == (3, 96, 96)
+    assert eds.dtype == np.float32
+    assert eds.min() >= 0
     _, truth = render_region(0, 0, 384, 384, seed=7, params=p)
 
     def frac(*ks: int) -> np.ndarray:
@@ -183,7 +191,8 @@ def test_bad_arguments_raise_input_error(call) -> None:  # type: ignore[no-untyp
 def test_params_round_trip_as_dict() -> None:
     p = SynthParams(nio_fraction=0.4)
     d = p.as_dict()
-    assert d["nio_fraction"] == 0.4 and isinstance(d["grey"], list)
+    assert d["nio_fraction"] == 0.4
+    assert isinstance(d["grey"], list)
     assert SynthParams(**{k: tuple(v) if isinstance(v, list) else v
                           for k, v in d.items()}) == p
     assert dataclasses.is_dataclass(p)
