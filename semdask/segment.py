@@ -126,7 +126,7 @@ def segment(
     plan = plan_inference(
         tuple(m.image.shape), mode=str(mode), window=window,  # type: ignore[arg-type]
         overlap=float(config.resolve(overlap, "segment.overlap")),
-        chunk=int(config.resolve(chunk, "segment.chunk")),
+        chunk=int(config.resolve(chunk, "segment.chunks")),
         receptive_field=int(mcfg.receptive_field),
         blend=str(config.resolve(blend, "segment.blend")))
     norm = mcfg.normalisation

@@ -1,0 +1,157 @@
+"""End-to-end segmentation: zarr -> zarr through the CLI and the public function, bad input."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from semdask import io as sio
+from semdask.cli import main
+from semdask.errors import IncompleteOutputError, InputError, ModelError, UnsafePathError
+from semdask.model import ModelConfig, UNet, receptive_field, save_model
+from semdask.segment import segment
+from semdask.synthetic import COLOURS, PHASES, synthetic_mosaic
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random depth-5 U-Net (16-px grid) with the SOC classes."""
+    torch.manual_seed(3)
+    m = UNet(widths=(4, 4, 8, 8, 8), dropout=(0, 0, 0, 0, 0))
+    cfg = ModelConfig(kwargs=m.kwargs(), classes=list(PHASES), colours=list(COLOURS),
+                      pixel_size_um=0.04458, window=64, receptive_field=receptive_field(m))
+    return save_model(m, cfg, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+@pytest.fixture
+def mosaic(tmp_path: Path) -> Path:
+    p = tmp_path / "m.ome.zarr"
+    sio.write_synthetic(p, synthetic_mosaic((300, 420), seed=5, chunk=256))
+    return p
+
+
+def test_segment_writes_labels_probs_confidence(mosaic: Path, model_file: Path) -> None:
+    r = segment(mosaic, model=model_file, chunk=128, probs=True, confidence=True, progress=False)
+    lab = sio.open_labels(mosaic, "phases")
+    assert lab.data.shape == (300, 420) and lab.data.dtype == np.uint8
+    assert lab.classes == list(PHASES)
+    probs = np.asarray(sio.open_extra_image(mosaic, "probs").compute()).astype(np.float32)
+    conf = np.asarray(sio.open_extra_image(mosaic, "confidence").compute()).astype(np.float32)
+    assert probs.shape == (4, 300, 420)
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=4e-3)  # float16 storage
+    np.testing.assert_array_equal(conf, probs.max(0))
+    labels = np.asarray(lab.data.compute())
+    agree = (labels == probs.argmax(0)).mean()
+    assert agree > 0.99  # argmax of float16-rounded probs may flip near-ties
+    prov = sio.read_attrs(mosaic, "labels/phases")["semdask"]["provenance"]
+    assert prov["model"]["sha256"] == r.model_sha256
+    assert prov["plan"]["halo"] == r.plan.halo
+    # chunk shards: every write was shard-aligned (the shard edge is the chunk edge)
+    assert r.plan.chunk % r.plan.stride == 0
+
+
+def test_segment_is_chunk_invariant_end_to_end(mosaic: Path, model_file: Path,
+                                               tmp_path: Path) -> None:
+    segment(mosaic, model=model_file, chunk=64, name="a", progress=False)
+    segment(mosaic, model=model_file, chunk=300, name="b", progress=False)
+    a = sio.open_labels(mosaic, "a").data.compute()
+    b = sio.open_labels(mosaic, "b").data.compute()
+    np.testing.assert_array_equal(a, b)
+
+
+def test_segment_output_elsewhere_is_self_contained(mosaic: Path, model_file: Path,
+                                                    tmp_path: Path) -> None:
+    out = tmp_path / "out.ome.zarr"
+    segment(mosaic, model=model_file, output=out, chunk=128, progress=False)
+    m = sio.open_mosaic(out)
+    np.testing.assert_array_equal(m.image.compute(), sio.open_mosaic(mosaic).image.compute())
+    assert sio.open_labels(out).data.shape == (300, 420)
+    with pytest.raises(UnsafePathError, match="overwrite"):
+        segment(mosaic, model=model_file, output=out, chunk=128, progress=False)
+
+
+def test_cli_segment_fractions_preview(mosaic: Path, model_file: Path, tmp_path: Path) -> None:
+    run = CliRunner().invoke
+    r = run(main, ["segment", str(mosaic), "--model", str(model_file), "--chunks", "128",
+                   "--no-cluster"])
+    assert r.exit_code == 0, r.output
+    assert "labels/phases" in r.output
+    csv = tmp_path / "f.csv"
+    r = run(main, ["fractions", str(mosaic), "--truth", "truth", "--csv", str(csv)])
+    assert r.exit_code == 0, r.output
+    assert "YSZ" in r.output and "truth %" in r.output
+    rows = csv.read_text().splitlines()
+    assert rows[0] == "label,name,pixels,fraction,area_um2" and len(rows) == 5
+    fr = sum(float(line.split(",")[3]) for line in rows[1:])
+    assert abs(fr - 1.0) < 1e-5
+    png = tmp_path / "p.png"
+    r = run(main, ["preview", str(mosaic), str(png)])
+    assert r.exit_code == 0, r.output
+    assert png.stat().st_size > 1000
+
+
+def test_failed_run_leaves_incomplete_output(mosaic: Path, model_file: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import semdask.infer as infer
+
+    def boom(*a, **k):
+        raise RuntimeError("worker died")
+
+    monkeypatch.setattr(infer, "_chunk_task", boom)
+    with pytest.raises(RuntimeError):
+        segment(mosaic, model=model_file, chunk=128, progress=False)
+    with pytest.raises(IncompleteOutputError, match="re-run"):
+        sio.open_labels(mosaic, "phases")
+
+
+def test_cli_bad_inputs_exit_nonzero(tmp_path: Path, mosaic: Path, model_file: Path) -> None:
+    run = CliRunner().invoke
+    r = run(main, ["segment", str(tmp_path / "missing.ome.zarr"), "--no-cluster"])
+    assert r.exit_code != 0 and "missing.ome.zarr" in r.output
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    r = run(main, ["segment", str(mosaic), "--model", str(bad), "--no-cluster"])
+    assert r.exit_code != 0 and "pickle" in r.output
+    assert not (mosaic / "labels" / "phases").exists()
+
+
+def test_image_smaller_than_window(tmp_path: Path, model_file: Path) -> None:
+    p = tmp_path / "small.ome.zarr"
+    sio.write_image(p, da.zeros((40, 500), dtype=np.uint8, chunks=40), pixel_size_um=0.05)
+    with pytest.raises(InputError, match="at least one window"):
+        segment(p, model=model_file, progress=False)
+    assert not (p / "labels" / "phases").exists()
+
+
+def test_nan_in_float_input(tmp_path: Path, model_file: Path) -> None:
+    x = np.random.default_rng(0).random((200, 200)).astype(np.float32)
+    x[10, 10] = np.nan
+    p = tmp_path / "nan.ome.zarr"
+    sio.write_image(p, da.from_array(x, chunks=100), pixel_size_um=0.05)
+    with pytest.raises(InputError, match="NaN"):
+        segment(p, model=model_file, progress=False)
+    assert not (p / "labels" / "phases").exists()
+
+
+def test_model_with_a_different_class_count(tmp_path: Path, mosaic: Path) -> None:
+    torch.manual_seed(0)
+    m = UNet(n_classes=3, widths=(4, 4, 8, 8, 8), dropout=(0, 0, 0, 0, 0))
+    cfg = ModelConfig(kwargs=m.kwargs(), classes=["a", "b", "c"], colours=list(COLOURS[:3]),
+                      n_classes=3, window=64, receptive_field=receptive_field(m))
+    path = save_model(m, cfg, tmp_path / "three.safetensors")
+    # tamper: the config claims four classes while the weights have three
+    from safetensors.torch import load_file, save_file
+
+    bad = cfg.model_copy(update={"classes": list(PHASES), "n_classes": 4,
+                                 "kwargs": {**cfg.kwargs, "n_classes": 4}})
+    save_file(load_file(str(path)), str(tmp_path / "bad.safetensors"),
+              metadata={"semdask": bad.model_dump_json(), "format": "pt"})
+    with pytest.raises(ModelError):
+        segment(mosaic, model=tmp_path / "bad.safetensors", progress=False)
+    assert not (mosaic / "labels" / "phases").exists()
