@@ -242,12 +242,16 @@ def _announce(client: Any) -> None:
 @click.option("--confidence", is_flag=True, help="Also write the maximum probability.")
 @click.option("--name", default="phases", help="Label group name.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs of this name.")
+@click.option("--gpu-resources", is_flag=True,
+              help="Annotate inference tasks with resources={'GPU': 1} (workers started "
+              "with --resources GPU=1, e.g. dask-cuda).")
 @_cluster_options
 @_handle_errors
 def segment(mosaic: str, model: str | None, output: str | None, mode: str | None,
             chunk: int | None, window: int | None, overlap: float | None, blend: str | None,
             precision: str | None, batch_size: int | None, device: str, probs: bool,
-            confidence: bool, name: str, overwrite: bool, scheduler_address: str | None,
+            confidence: bool, name: str, overwrite: bool, gpu_resources: bool,
+            scheduler_address: str | None,
             scheduler_file: str | None, n_workers: int | None, dashboard_address: str | None,
             no_cluster: bool) -> None:
     """Segment MOSAIC (OME-Zarr) into phases; labels go to <OUT or MOSAIC>/labels/NAME."""
@@ -260,7 +264,7 @@ def segment(mosaic: str, model: str | None, output: str | None, mode: str | None
         r = run(mosaic, model=model, output=output, mode=mode, window=window, overlap=overlap,
                 blend=blend, chunk=chunk, precision=precision, batch_size=batch_size,
                 device=device, probs=probs, confidence=confidence, name=name,
-                overwrite=overwrite, client=client)
+                overwrite=overwrite, client=client, gpu_resources=gpu_resources)
     click.echo(f"wrote {r.output}/{r.labels} ({r.shape[0]} x {r.shape[1]} px, {r.plan.mode} "
                f"mode) in {r.seconds:.1f} s = {r.mpix_per_s:.2f} MPix/s")
 

@@ -73,7 +73,7 @@ class SemdaskError(Exception):
         )
 
 
-def _rebuild(cls, what, expected, got, fix):  # type: ignore[no-untyped-def]
+def _rebuild(cls, what, expected, got, fix):
     return cls(what, expected=expected, got=got, fix=fix)
 
 

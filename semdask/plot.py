@@ -15,6 +15,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,7 +81,7 @@ def preview(
 
     from . import io as sio
 
-    m = sio.open_mosaic(mosaic)
+    m = sio.open_mosaic(Path(mosaic))
     lab = sio.open_labels(m.path, labels)
     if level is None:
         level = 0
@@ -99,7 +100,7 @@ def preview(
     axes[1].set_title(f"labels/{labels}")
     for ax in axes:
         ax.set_axis_off()
-    handles = [Patch(color=np.asarray(c[:3]) / 255.0, label=n)
+    handles: list[Any] = [Patch(color=(c[0] / 255.0, c[1] / 255.0, c[2] / 255.0), label=n)
                for n, c in zip(lab.classes, lab.colours, strict=False)]
     fig.legend(handles=handles, loc="lower center", ncol=max(len(handles), 1), frameon=False)
     fig.tight_layout(rect=(0, 0.05, 1, 1))

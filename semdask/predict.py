@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,7 +62,7 @@ def resolve_device(device: str | None = "auto") -> torch.device:
     return dev
 
 
-def autocast(device: torch.device, precision: str) -> contextmanager:  # type: ignore[type-arg]
+def autocast(device: torch.device, precision: str) -> AbstractContextManager[Any]:
     """Autocast context for ``precision`` (fp32 = no autocast)."""
     if precision not in _PRECISIONS:
         raise InputError("precision", expected="fp32, bf16 or fp16", got=repr(precision))

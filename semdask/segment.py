@@ -115,7 +115,7 @@ def segment(
     from .model import bundled_model_path, load_model, model_hash
 
     t0 = time.perf_counter()
-    m = sio.open_mosaic(mosaic)
+    m = sio.open_mosaic(Path(mosaic))
     model_path = Path(model) if model is not None else bundled_model_path()
     model_path = sio.validate_input_path(model_path, kind="file")
     _, mcfg = load_model(model_path, device="cpu")
@@ -124,7 +124,7 @@ def segment(
     window = int(config.resolve(window, "segment.window") if window is not None
                  else (mcfg.window or config.get("segment.window")))
     plan = plan_inference(
-        tuple(m.image.shape), mode=str(mode), window=window,  # type: ignore[arg-type]
+        (int(m.image.shape[0]), int(m.image.shape[1])), mode=str(mode), window=window,
         overlap=float(config.resolve(overlap, "segment.overlap")),
         chunk=int(config.resolve(chunk, "segment.chunks")),
         receptive_field=int(mcfg.receptive_field),
@@ -134,7 +134,10 @@ def segment(
     _check_pixel_size(m.pixel_size_um, mcfg.pixel_size_um)
 
     out = Path(output) if output is not None else m.path
-    if out.resolve() != m.path.resolve():
+    if out.resolve() == m.path.resolve():
+        # computed once per mosaic: later runs (and training) reuse the stored statistics
+        sio.update_attrs(m.path, "", {"normalisation": stats.to_dict()})
+    else:
         sio.validate_output_path(out, overwrite=overwrite)
         sio.write_image(out, m.image, pixel_size_um=m.pixel_size_um,
                         attrs={"source": str(m.path), "normalisation": stats.to_dict()},
@@ -148,7 +151,7 @@ def segment(
         "source": str(m.path),
     }
     classes = list(mcfg.classes)
-    colours = [tuple(c) for c in mcfg.colours] if mcfg.colours else None
+    colours = [(int(c[0]), int(c[1]), int(c[2]), int(c[3])) for c in mcfg.colours] or None
     shard = plan.chunk
     targets, sources, written = [], [], []
 

@@ -61,6 +61,7 @@ _EDS_TABLE = np.array(
     [[0.02, 1.00, 0.75, 0.02], [0.08, 0.02, 0.85, 0.60], [0.02, 0.01, 0.01, 0.95]], np.float32
 )
 _NOISE_BLOCK = 256
+_W = 0.4  # width of the per-particle oxidation ramp in nio_fraction
 _M1, _M2, _K1, _K2 = (np.uint64(c) for c in (
     0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x9E3779B97F4A7C15, 0xD6E8FEB86659FD93))
 
@@ -266,7 +267,12 @@ def _microstructure(y0: int, x0: int, h: int, w: int, seed: int, p: SynthParams,
     parts = _ni_particles(seed, p, y0, x0, h, w)
     f = p.nio_fraction
     rad, uox = parts[:, 2], parts[:, 6]
-    share = f ** (np.exp(1.2 * (2 * uox - 1)) * rad / np.mean(p.ni_radius))  # small: faster
+    # oxidised share per particle: a ramp of width W past the particle's random onset, so
+    # particles are intact, rimmed or fully NiO; F is chosen so that the mean share is f
+    c = _W * (1 - _W) / 2
+    F = (math.sqrt(2 * c * f) if f <= c else 1 - math.sqrt(2 * c * (1 - f)) if f >= 1 - c
+         else f * (1 - _W) + _W / 2)
+    share = np.clip((F - (1 - _W) * uox) / _W, 0, 1)
     thr = rad * np.where(share >= 1, 3.0, 1 - np.sqrt(np.clip(1 - share, 0, 1)))
     sdf = np.full((h, w), np.inf, np.float32)
     ox_f, off_f = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)

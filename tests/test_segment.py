@@ -155,3 +155,39 @@ def test_model_with_a_different_class_count(tmp_path: Path, mosaic: Path) -> Non
     with pytest.raises(ModelError):
         segment(mosaic, model=tmp_path / "bad.safetensors", progress=False)
     assert not (mosaic / "labels" / "phases").exists()
+
+
+def test_cli_segment_on_local_cluster_prints_dashboard(mosaic: Path, model_file: Path) -> None:
+    r = CliRunner().invoke(main, ["segment", str(mosaic), "--model", str(model_file),
+                                  "--chunks", "192", "--workers", "2",
+                                  "--dashboard-address", "127.0.0.1:0", "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert "Dask dashboard: http://127.0.0.1:" in r.output
+    a = np.asarray(sio.open_labels(mosaic).data.compute())
+    segment(mosaic, model=model_file, chunk=64, name="threads", progress=False)
+    np.testing.assert_array_equal(a, sio.open_labels(mosaic, "threads").data.compute())
+
+
+def test_gpu_resources_annotate_only_the_inference_layer(mosaic: Path, model_file: Path) -> None:
+    import dask
+
+    from semdask.infer import blended_probs, plan_inference
+    from semdask.normalise import NormStats
+
+    img = sio.open_mosaic(mosaic).image
+    plan = plan_inference(img.shape, window=64, chunk=128)
+    with dask.annotate(resources={"GPU": 1}):
+        p = blended_probs(img, str(model_file), n_classes=4, stats=NormStats(0, 255), plan=plan)
+    layers = p.__dask_graph__().layers
+    annotated = [k for k, v in layers.items() if (v.annotations or {}).get("resources")]
+    assert any(k.startswith("semdask-infer") for k in annotated)
+
+
+@pytest.mark.gpu
+def test_segment_on_cuda_bf16_agrees_with_cpu(mosaic: Path, model_file: Path) -> None:
+    segment(mosaic, model=model_file, chunk=128, name="cpu", device="cpu", progress=False)
+    segment(mosaic, model=model_file, chunk=128, name="gpu", device="cuda", precision="bf16",
+            batch_size=16, progress=False)
+    a = np.asarray(sio.open_labels(mosaic, "cpu").data.compute())
+    b = np.asarray(sio.open_labels(mosaic, "gpu").data.compute())
+    assert (a == b).mean() > 0.99

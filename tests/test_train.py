@@ -1,0 +1,173 @@
+"""Window sampler, patch dataset, training loop, resume and the ``semdask train`` CLI."""
+
+from __future__ import annotations
+
+import csv
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch.utils.data import DataLoader
+
+from semdask import io
+from semdask.dataset import PatchDataset, WindowSampler, augment, split_rows
+from semdask.errors import InputError
+from semdask.model import UNet, load_model
+from semdask.normalise import apply, compute_stats
+from semdask.synthetic import COLOURS, PHASES, SynthParams, synthetic_mosaic
+from semdask.train import train
+
+TINY = (4, 8, 16)  # widths of a fast test U-Net
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """Two small synthetic mosaics with truth labels (different sizes and NiO)."""
+    root = tmp_path_factory.mktemp("stores")
+    paths = []
+    for seed, shape, nio in ((5, (256, 320), 0.3), (6, (192, 256), 0.1)):
+        m = synthetic_mosaic(shape, seed=seed, chunk=64, params=SynthParams(nio_fraction=nio))
+        p = root / f"s{seed}.ome.zarr"
+        io.write_image(p, m.image, pixel_size_um=m.pixel_size_um, chunk=64)
+        io.write_labels(p, m.truth, name="truth", classes=PHASES, colours=COLOURS, chunk=64)
+        paths.append(p)
+    return paths
+
+
+def _windows(sampler):
+    return [(s, y, x) for s, y, x in sampler]
+
+
+def test_sampler_seeded_and_leak_free() -> None:
+    shapes = [(1000, 700), (400, 900)]
+    a = WindowSampler(shapes, 96, split="train", length=300, seed=3)
+    b = WindowSampler(shapes, 96, split="train", length=300, seed=3)
+    assert _windows(a) == _windows(b)
+    assert _windows(a) == _windows(a)  # re-iterable, same pass
+    a.set_epoch(1)
+    assert _windows(a) != _windows(b)
+    assert _windows(WindowSampler(shapes, 96, length=300, seed=4)) != _windows(b)
+    val = WindowSampler(shapes, 96, split="val", val_fraction=0.2)
+    assert len(val) == len(_windows(val))
+    for s, (h, w) in enumerate(shapes):
+        cut = split_rows(h, 0.2, "train")[1]
+        assert split_rows(h, 0.2, "val") == (cut, h)
+        tr = [(y, x) for si, y, x in _windows(a) + _windows(b) if si == s]
+        va = [(y, x) for si, y, x in _windows(val) if si == s]
+        assert tr and va
+        assert all(y + 96 <= cut and 0 <= x <= w - 96 for y, x in tr)  # never touch val rows
+        assert all(cut <= y <= h - 96 and 0 <= x <= w - 96 for y, x in va)
+        cover = np.zeros((h, w), bool)  # the val grid covers the whole band
+        for y, x in va:
+            cover[y:y + 96, x:x + 96] = True
+        assert cover[cut:].all()
+        assert not cover[:cut].any()
+    with pytest.raises(InputError, match="val region"):
+        WindowSampler([(100, 100)], 64, split="val", val_fraction=0.2)
+
+
+def test_dataset_reads_exact_window(stores) -> None:
+    m, lab = io.open_mosaic(stores[0]), io.open_labels(stores[0], "truth")
+    img, truth = m.image.compute(), lab.data.compute()
+    stats = [compute_stats(io.open_mosaic(p).image) for p in stores]
+    ds = PatchDataset(stores, labels="truth", window=48, stats=stats, tile=64, cache_mb=0.01)
+    assert ds.classes == list(PHASES)
+    assert ds.shapes == [(256, 320), (192, 256)]
+    for y, x in [(0, 0), (37, 101), (208, 272), (60, 64)]:
+        x_t, y_t = ds[(0, y, x)]
+        assert x_t.dtype == torch.float32 and x_t.shape == (1, 48, 48)
+        assert y_t.dtype == torch.int64 and y_t.shape == (48, 48)
+        np.testing.assert_array_equal(x_t[0].numpy(), apply(img[y:y + 48, x:x + 48], stats[0]))
+        np.testing.assert_array_equal(y_t.numpy(), truth[y:y + 48, x:x + 48])
+    # bounded per-process tile cache (0.01 MiB: a few 64x64 tiles)
+    assert ds._cached <= 0.01 * 2**20 + 64 * 64
+    with pytest.raises(InputError, match="inside"):
+        ds[(0, 250, 0)]
+
+
+def test_dataset_pickles_without_handles_and_works_with_workers(stores) -> None:
+    ds = PatchDataset(stores, window=32, augment=True)
+    ds[(1, 0, 0)]  # opens the stores and fills the cache in this process
+    state = pickle.loads(pickle.dumps(ds))
+    assert state._arrays == [] and len(state._cache) == 0
+    sampler = WindowSampler(ds.shapes, 32, length=12, seed=0)
+    torch.manual_seed(0)
+    loader = DataLoader(ds, sampler=sampler, batch_size=4, num_workers=2,
+                        multiprocessing_context="fork")
+    batches = list(loader)
+    assert len(batches) == 3
+    x, y = batches[0]
+    assert x.shape == (4, 1, 32, 32) and y.shape == (4, 32, 32)
+    assert int(y.min()) >= 0 and int(y.max()) <= 3
+    assert torch.isfinite(x).all()
+
+
+def test_augment_moves_image_and_label_together() -> None:
+    rng = np.random.default_rng(0)
+    lab = rng.integers(0, 4, size=(40, 40)).astype(np.uint8)
+    img = lab.astype(np.float32) / 3
+    for seed in range(12):
+        a_img, a_lab = augment(img, lab, np.random.default_rng(seed))
+        assert a_img.dtype == np.float32 and a_img.shape == (40, 40)
+        assert np.corrcoef(a_img.ravel(), a_lab.ravel())[0, 1] > 0.8  # same geometry
+        assert np.bincount(a_lab.ravel(), minlength=4).tolist() == np.bincount(
+            lab.ravel(), minlength=4).tolist()
+    seen = {augment(img, lab, np.random.default_rng(s))[1].tobytes() for s in range(100)}
+    assert len(seen) == 8  # the 8 flips/rotations of the dihedral group
+
+
+def test_few_steps_lower_the_loss(stores) -> None:
+    ds = PatchDataset(stores, window=64)
+    batch = [ds[(0, y, x)] for y, x in ((0, 0), (64, 64), (128, 200))]
+    img = torch.stack([b[0] for b in batch])
+    lab = torch.stack([b[1] for b in batch])
+    torch.manual_seed(0)
+    net = UNet(widths=TINY, dropout=(0.0, 0.0, 0.0))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(25):
+        loss = torch.nn.functional.cross_entropy(net(img), lab)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_train_writes_outputs_and_resumes(stores, tmp_path) -> None:
+    out = tmp_path / "m.safetensors"
+    r = train(stores, out, window=32, epochs=1, steps_per_epoch=3, batch_size=2, seed=1,
+              widths=TINY, val_window=32)
+    assert r.model_path == out and out.exists() and out.with_suffix(".yaml").exists()
+    assert r.checkpoint.exists() and r.best_epoch == 1 and [h["epoch"] for h in r.history] == [1]
+    net, cfg = load_model(out)
+    assert cfg.classes == list(PHASES) and cfg.provenance["epoch"] == 1
+    assert cfg.window == 256 and cfg.pixel_size_um == pytest.approx(0.04458)
+    r2 = train(stores, out, window=32, epochs=3, steps_per_epoch=3, batch_size=2, seed=1,
+               widths=(8, 8), val_window=32, resume=r.checkpoint)
+    assert [h["epoch"] for h in r2.history] == [1, 2, 3]  # continued at epoch 2
+    _, cfg2 = load_model(r2.checkpoint)
+    assert cfg2.kwargs["widths"] == list(TINY)  # the checkpoint's architecture, not widths=
+    assert cfg2.provenance["epoch"] == 3
+    with open(r2.metrics_csv) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["epoch"]) for row in rows] == [1, 2, 3]
+    assert 0.0 <= float(rows[-1]["val_miou"]) <= 1.0
+    assert set(rows[0]) >= {"val_accuracy", "iou_pore", "iou_Ni", "iou_NiO", "iou_YSZ"}
+
+
+def test_train_cli(stores, tmp_path) -> None:
+    from semdask.cli import main
+
+    out = tmp_path / "cli.safetensors"
+    res = CliRunner().invoke(main, ["train", *map(str, stores), "--out", str(out),
+                                    "--epochs", "1", "--steps-per-epoch", "1",
+                                    "--batch-size", "1", "--window", "32", "--seed", "2"])
+    assert res.exit_code == 0, res.output
+    assert "best val mIoU" in res.output
+    assert out.exists()
+    bad = CliRunner().invoke(main, ["train", str(stores[0]), "--out", str(tmp_path / "x.pt")])
+    assert bad.exit_code == 2
+    assert ".safetensors" in bad.output
