@@ -66,20 +66,15 @@ def synth_cmd(out: Path, shape: tuple[int, int], seed: int, nio_fraction: float 
     from dask.diagnostics import ProgressBar
 
     from . import io
-    from .synthetic import COLOURS, PHASES, SynthParams, synthetic_mosaic
+    from .synthetic import PHASES, SynthParams, synthetic_mosaic
 
     params = SynthParams() if nio_fraction is None else SynthParams(nio_fraction=nio_fraction)
     m = synthetic_mosaic((shape[0], shape[1]), seed=seed, chunk=chunk, params=params)
     px = m.pixel_size_um
+    log.info("synth: rendering image, truth labels and EDS maps %d x %d (chunk %d)", *shape,
+             chunk)
     with ProgressBar(minimum=1.0, out=sys.stderr):
-        log.info("synth: rendering image %d x %d (chunk %d)", *shape, chunk)
-        io.write_image(out, m.image, pixel_size_um=px, overwrite=overwrite,
-                       attrs={"synthetic": {**params.as_dict(), "seed": seed}})
-        log.info("synth: rendering truth labels")
-        io.write_labels(out, m.truth, name="truth", classes=PHASES, colours=COLOURS)
-        log.info("synth: rendering EDS maps")
-        io.write_extra_image(out, "eds", m.eds, channel_names=["Ni", "O", "Zr"],
-                             pixel_size_um=4 * px, attrs={"true_shift_px": list(m.eds_shift_px)})
+        io.write_synthetic(out, m, overwrite=overwrite)
     log.info("synth: wrote %s (image, labels/truth, eds)", out)
     click.echo(f"{out}: {shape[0]} x {shape[1]} uint8 synthetic mosaic, seed {seed}, "
                f"pixel size {px:g} µm, nio_fraction {params.nio_fraction:g}; "

@@ -514,8 +514,8 @@ def write_synthetic(path: PathLike, mosaic: Any, *, overwrite: bool = False,
     p = validate_output_path(path, overwrite=overwrite)
     shard = ome.shard_shape(x.shape, "yx", chunks=x.chunks)
     meta = {**ome.image_attrs(ome.n_levels(x.shape), pixel_size_um=px, name=p.name),
-            "semdask": ome.semdask_attrs({"synthetic": {"seed": mosaic.seed,
-                                                        "params": mosaic.params}}, px)}
+            "semdask": ome.semdask_attrs({"synthetic": {**mosaic.params.as_dict(),
+                                                        "seed": mosaic.seed}}, px)}
     img_t = _begin(zarr.create_group(store=str(p), zarr_format=3, attributes=meta), "", meta,
                    shape=x.shape, dtype=x.dtype, shard=shard, names="yx")
     lab_t = begin_labels(p, "truth", shape=x.shape, classes=PHASES, colours=COLOURS,
@@ -523,6 +523,7 @@ def write_synthetic(path: PathLike, mosaic: Any, *, overwrite: bool = False,
     eds = _as_array(mosaic.eds, (3,), "eds")
     eds_t = begin_extra_image(p, "eds", shape=eds.shape, dtype=eds.dtype, pixel_size_um=px * 4,
                               channel_names=("Ni", "O", "Zr"),
+                              attrs={"true_shift_px": list(mosaic.eds_shift_px)},
                               chunk=ome.shard_shape(eds.shape, "cyx", chunks=eds.chunks)[-1])
     job = store_blocks([align_to(x, img_t), align_to(mosaic.truth, lab_t), align_to(eds, eds_t)],
                        [img_t, lab_t, eds_t], compute=False)

@@ -6,14 +6,16 @@ cropped, and detector noise comes from a counter-based RNG keyed by the global i
 256-px blocks. A region therefore renders identically whatever chunk it is rendered in, and
 :func:`synthetic_mosaic` can build arbitrarily large mosaics lazily, chunk by chunk.
 
-Microstructure: pores are a level cut of two-octave value noise (dark, irregular); Ni is a union
-of large, smooth, rounded (elliptical) particles from a jittered cell grid; YSZ fills the rest
-as a fine-grained network (Worley grains with per-grain grey and dark grain boundaries); NiO
-grows inwards from the Ni surface as rough rims and whole small particles (``nio_fraction`` =
-oxidised share of the Ni, 0 = none). Ni and YSZ share grey levels; texture and shape tell them
-apart, as in the paper. Image formation: PSF blur, slow drift, tile gain/offset steps, then
-the paper's eq. 2 noise, ``Poisson(I*C)/C + N(0, sigma)`` (Poisson term drawn in its normal
-approximation, variance ``I/C``, so the RNG stream is fixed per block).
+Microstructure: YSZ is a band around the median contour of a two-octave value-noise field
+(a connected, fine-grained network: Worley grains with per-grain grey and dark boundaries, and
+a bright SEM edge effect next to pores); pores are the excursions outside the band (dark,
+irregular); Ni is a union of large, smooth, rounded (elliptical) particles on a jittered cell
+grid; NiO grows inwards from the Ni surface as rough rims, with some particles fully
+oxidised (``nio_fraction`` ~ oxidised share of the Ni, 0 = none). Ni and YSZ share grey
+levels; texture and shape tell them apart, as in the paper. Image formation: PSF blur, slow
+drift, tile gain/offset steps, then the paper's eq. 2 noise ``Poisson(I*C)/C + N(0, sigma)``
+(Poisson term in its normal approximation, variance ``I/C``, so each noise block draws a fixed
+number of variates). EDS (Ni, O, Zr): phase signal, 4x binned, blurred, shifted, noisy.
 
 Examples
 --------
