@@ -16,6 +16,7 @@ when MONAI is installed, MONAI's ``sliding_window_inference`` on the same window
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import threading
@@ -50,10 +51,8 @@ class PeakRSS:
             procs = [me, *me.children(recursive=True)]
             rss = 0
             for p in procs:
-                try:
+                with contextlib.suppress(psutil.Error):
                     rss += p.memory_info().rss
-                except psutil.Error:
-                    pass
             self.peak = max(self.peak, rss)
             time.sleep(0.05)
 
@@ -177,9 +176,10 @@ def main() -> None:
                                            mode="gaussian")
         tm = time.perf_counter() - t0
         mon = out.argmax(1)[0].numpy().astype(np.uint8)
+        agree = 100 * float((mon == by[("window", "fp32")]).mean())
         print(f"MONAI sliding_window_inference (256, overlap 0.25, gaussian, in memory): "
               f"{tm:.2f} s; semdask window mode end to end is {tm / fp32['window'][3]:.2f}x "
-              f"MONAI's speed; label agreement with MONAI {100 * (mon == by[('window', 'fp32')]).mean():.3f} %")
+              f"MONAI's speed; label agreement with MONAI {agree:.3f} %")
 
 
 if __name__ == "__main__":
