@@ -184,6 +184,10 @@ def train_cmd(stores: tuple[Path, ...], out: Path, labels: str, epochs: int,
 # --- segment / fractions / preview / demo (infer.py, metrics.py) -------------
 def _cluster_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
+        click.option("--profile", default=None, metavar="NAME",
+                     help="Cluster profile: local, local-cuda, slurm, slurm-runner, kubernetes, "
+                     "address, scheduler-file [default: semdask.cluster.profile, i.e. local]; "
+                     "settings in semdask.cluster.profiles.NAME (see semdask cluster-info)."),
         click.option("--scheduler-address", default=None, metavar="ADDR",
                      help="Join a running Dask scheduler (tcp://host:8786) instead of a "
                      "LocalCluster."),
@@ -207,6 +211,8 @@ def _client(no_cluster: bool, **kw: Any) -> Any:
 
     from .cluster import connect
 
+    if no_cluster and kw.get("profile"):
+        raise click.UsageError("--no-cluster and --profile exclude each other")
     return nullcontext(None) if no_cluster else connect(**kw)
 
 
@@ -240,26 +246,41 @@ def _announce(client: Any) -> None:
 @click.option("--gpu-resources", is_flag=True,
               help="Annotate inference tasks with resources={'GPU': 1} (workers started "
               "with --resources GPU=1, e.g. dask-cuda).")
+@click.option("--resume", is_flag=True,
+              help="Keep the recorded, intact blocks of an earlier run with the same input, "
+              "model and plan; compute only missing or stale ones (see semdask verify).")
 @_cluster_options
 @_handle_errors
 def segment(mosaic: str, model: str | None, output: str | None, mode: str | None,
             chunk: int | None, window: int | None, overlap: float | None, blend: str | None,
             precision: str | None, batch_size: int | None, device: str, probs: bool,
-            confidence: bool, name: str, overwrite: bool, gpu_resources: bool,
-            scheduler_address: str | None,
+            confidence: bool, name: str, overwrite: bool, gpu_resources: bool, resume: bool,
+            profile: str | None, scheduler_address: str | None,
             scheduler_file: str | None, n_workers: int | None, dashboard_address: str | None,
             no_cluster: bool) -> None:
-    """Segment MOSAIC (OME-Zarr) into phases; labels go to <OUT or MOSAIC>/labels/NAME."""
+    """Segment MOSAIC (OME-Zarr) into phases; labels go to <OUT or MOSAIC>/labels/NAME.
+
+    With a Dask cluster, a performance report is saved beside the output store as
+    <OUT or MOSAIC>.performance.html.
+    """
+    from .cluster import performance_report_path, profile_has_gpu_workers, report
+    from .segment import drain_on_sigterm
     from .segment import segment as run
 
-    with _client(no_cluster, scheduler_address=scheduler_address,
-                 scheduler_file=scheduler_file, n_workers=n_workers,
-                 dashboard_address=dashboard_address) as client:
+    gpu = gpu_resources or (not no_cluster and profile_has_gpu_workers(
+        profile, scheduler_address=scheduler_address, scheduler_file=scheduler_file))
+    with drain_on_sigterm(), _client(no_cluster, profile=profile,
+                                     scheduler_address=scheduler_address,
+                                     scheduler_file=scheduler_file, n_workers=n_workers,
+                                     dashboard_address=dashboard_address) as client, \
+            report(client, performance_report_path(output or mosaic)) as html:
         _announce(client)
         r = run(mosaic, model=model, output=output, mode=mode, window=window, overlap=overlap,
                 blend=blend, chunk=chunk, precision=precision, batch_size=batch_size,
                 device=device, probs=probs, confidence=confidence, name=name,
-                overwrite=overwrite, client=client, gpu_resources=gpu_resources)
+                overwrite=overwrite, client=client, gpu_resources=gpu, resume=resume)
+    if html is not None:
+        click.echo(f"performance report: {html}")
     click.echo(f"wrote {r.output}/{r.labels} ({r.shape[0]} x {r.shape[1]} px, {r.plan.mode} "
                f"mode) in {r.seconds:.1f} s = {r.mpix_per_s:.2f} MPix/s")
 
@@ -318,12 +339,12 @@ def preview(mosaic: str, out_png: str, name: str, level: int | None, max_side: i
 @_handle_errors
 def demo(workdir: str, shape: tuple[int, int], seed: int, nio_fraction: float,
          mode: str | None, precision: str | None, chunk: int | None,
-         scheduler_address: str | None, scheduler_file: str | None, n_workers: int | None,
-         dashboard_address: str | None, no_cluster: bool) -> None:
+         profile: str | None, scheduler_address: str | None, scheduler_file: str | None,
+         n_workers: int | None, dashboard_address: str | None, no_cluster: bool) -> None:
     """Synthesise an SOC mosaic, segment it with the bundled model, report phase fractions."""
     from .demo import run_demo
 
-    with _client(no_cluster, scheduler_address=scheduler_address,
+    with _client(no_cluster, profile=profile, scheduler_address=scheduler_address,
                  scheduler_file=scheduler_file, n_workers=n_workers,
                  dashboard_address=dashboard_address) as client:
         _announce(client)
@@ -331,7 +352,268 @@ def demo(workdir: str, shape: tuple[int, int], seed: int, nio_fraction: float,
                      mode=mode, precision=precision, chunk=chunk, client=client,
                      echo=click.echo)
     click.echo(r.summary())
+
+
+@main.command("cluster-info")
+@click.option("--profile", default=None, metavar="NAME",
+              help="Profile to show [default: semdask.cluster.profile].")
+@_handle_errors
+def cluster_info(profile: str | None) -> None:
+    """Print a cluster profile's settings as YAML; slurm: also its job script (not submitted)."""
+    import yaml
+
+    from .cluster import job_script, profile_config, profile_has_gpu_workers, resolve_profile
+
+    name = resolve_profile(profile)
+    info = {"profile": name, "gpu-workers": profile_has_gpu_workers(name),
+            "settings": profile_config(name)}
+    click.echo(yaml.safe_dump(info, sort_keys=False).rstrip())
+    if name == "slurm":
+        click.echo("# job script (rendered by dask-jobqueue, not submitted):")
+        click.echo(job_script(name).rstrip())
+
+
+# --- verify / batch / watch (ledger.py, batch.py) ------------------------------
+@main.command("verify")
+@click.argument("output", type=click.Path(exists=False))
+@click.option("--labels", "name", default="phases", help="Label group to audit.")
+@_handle_errors
+def verify_cmd(output: str, name: str) -> None:
+    """Audit a segmentation output: every block present, recorded, checksums matching.
+
+    Exits 0 when complete and intact, 3 on holes or corruption (with the fix).
+    """
+    from .ledger import verify
+
+    a = verify(output, labels=name)
+    click.echo(a.table())
+    if not a.ok:
+        click.echo(f"semdask: error: {a.output}/{a.group} is incomplete or corrupt. "
+                   f"Fix: {a.fix()}", err=True)
+        sys.exit(3)
+
+
+def _segment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--model", "-m", default=None, type=click.Path(dir_okay=False),
+                     help="Model .safetensors [default: the bundled SOC model]."),
+        click.option("--mode", type=click.Choice(["window", "whole-chunk"]), default=None),
+        click.option("--chunks", "chunk", default=None, type=int, help="Chunk edge in px."),
+        click.option("--window", default=None, type=int, help="Window edge (multiple of 16)."),
+        click.option("--overlap", default=None, type=float, help="Window overlap [0, 1)."),
+        click.option("--blend", type=click.Choice(["gaussian", "cosine", "uniform"]),
+                     default=None),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None),
+        click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, ..."),
+        click.option("--probs", is_flag=True, help="Also write class probabilities."),
+        click.option("--confidence", is_flag=True, help="Also write the maximum probability."),
+        click.option("--name", default="phases", help="Label group name."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+_CLUSTER_KEYS = ("profile", "scheduler_address", "scheduler_file", "n_workers",
+                 "dashboard_address", "no_cluster")
+
+
+def _run_scheduled(kind: str, target: str, kw: dict[str, Any]) -> None:
+    from .batch import read_manifest, run_batch, watch
+    from .segment import drain_on_sigterm
+
+    cluster = {k: kw.pop(k) for k in _CLUSTER_KEYS if k in kw}
+    with drain_on_sigterm(), _client(**cluster) as client:
+        _announce(client)
+        if kind == "batch":
+            out = run_batch(read_manifest(target), client=client, echo=click.echo,
+                            progress=False, **kw)
+        else:
+            out = watch(target, client=client, echo=click.echo, progress=False, **kw)
+    failed = [o for o in out if o.status == "failed"]
+    click.echo(f"{len(out)} mosaics: " + ", ".join(
+        f"{n} {s}" for s in ("done", "resumed", "skipped, up to date", "failed")
+        if (n := sum(o.status == s for o in out))) if out else "nothing to do")
+    if failed:
+        sys.exit(1)
+
+
+@main.command("batch")
+@click.argument("manifest", type=click.Path(exists=False, dir_okay=False))
+@_segment_options
+@_cluster_options
+@_handle_errors
+def batch_cmd(manifest: str, **kw: Any) -> None:
+    """Segment every mosaic of MANIFEST (text, CSV or YAML), skipping finished ones.
+
+    Lines: MOSAIC [OUTPUT [MODEL]]; CSV/YAML: mosaic, output, model. Partial outputs
+    are resumed, stale ones (new model or geometry) recomputed; a second run of the
+    same manifest reports "skipped, up to date". Exits 1 when a mosaic failed, 75
+    after SIGTERM (run it again to resume).
+    """
+    _run_scheduled("batch", manifest, kw)
+
+
+@main.command("watch")
+@click.argument("directory", type=click.Path(exists=False, file_okay=False))
+@click.option("--interval", type=float, default=60.0, help="Seconds between polls.")
+@click.option("--once", is_flag=True, help="One pass, then exit (cron, tests).")
+@click.option("--output-dir", default=None, type=click.Path(file_okay=False),
+              help="Write OUTPUT-DIR/<mosaic name> instead of into each mosaic.")
+@_segment_options
+@_cluster_options
+@_handle_errors
+def watch_cmd(directory: str, **kw: Any) -> None:
+    """Poll DIRECTORY for complete *.ome.zarr mosaics and segment new ones (idempotent).
+
+    A mosaic is picked up once its writer marked it complete (semdask convert/synth do).
+    SIGTERM stops after the running blocks (exit 75 when a mosaic was interrupted).
+    """
+    _run_scheduled("watch", directory, kw)
+
+
 # --- end segment --------------------------------------------------------------
+
+
+# --- label (label.py) ---------------------------------------------------------
+def _eds_source(values: tuple[str, ...]) -> Any:
+    if not values or values == ("store",):
+        return "store"
+    if values == ("none",):
+        return None
+    pairs = [v.partition("=") for v in values]
+    if any(not k or not sep or not f for k, sep, f in pairs):
+        raise click.BadParameter("expected 'store', 'none' or ELEMENT=FILE (repeat per "
+                                 f"element), got {' '.join(values)!r}", param_hint="--eds")
+    return {k: Path(f) for k, _, f in pairs}
+
+
+@main.command("label")
+@click.argument("mosaic", type=click.Path(exists=False))
+@click.option("--annotations", "-a", required=True, metavar="SOURCE",
+              help="Scribbles: labels/NAME in the store, a TIFF/PNG label image, or a CSV "
+              "(y,x,class[,radius]) / GeoJSON (Point, LineString, Polygon; [x, y]) file.")
+@click.option("--eds", multiple=True, metavar="SOURCE",
+              help="EDS maps: 'store' (the mosaic's eds group) [default], 'none' (SEM "
+              "features only), or ELEMENT=FILE, repeated per element (e.g. --eds Ni=ni.tif).")
+@click.option("--unlabelled", type=click.Choice(["0", "255"]), default="0",
+              help="Label images: 0 = unlabelled and class k stored as k + 1, or 255 = "
+              "unlabelled and class ids as they are.")
+@click.option("--classes", default=None, metavar="A,B,...",
+              help="Class names [default: pore,Ni,NiO,YSZ with their colours].")
+@click.option("--output", "-o", default=None, type=click.Path(),
+              help="Write to this OME-Zarr instead of into MOSAIC.")
+@click.option("--name", default="eds-rf", help="Label group name (+ NAME-confidence).")
+@click.option("--no-register", is_flag=True, help="Trust the EDS alignment as it is.")
+@click.option("--tile", type=int, default=2048, help="Registration tile edge (SEM px).")
+@click.option("--chunks", "chunk", type=int, default=512, help="Feature/predict chunk edge.")
+@click.option("--radius", type=float, default=2.0, help="Radius of CSV/GeoJSON points (px).")
+@click.option("--trees", type=int, default=100, help="Random-forest trees.")
+@click.option("--max-depth", type=int, default=None, help="Random-forest depth limit.")
+@click.option("--seed", type=int, default=0)
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs of this name.")
+@_cluster_options
+@_handle_errors
+def label_cmd(mosaic: str, annotations: str, eds: tuple[str, ...], unlabelled: str,
+              classes: str | None, output: str | None, name: str, no_register: bool,
+              tile: int, chunk: int, radius: float, trees: int, max_depth: int | None,
+              seed: int, overwrite: bool, scheduler_address: str | None,
+              scheduler_file: str | None, n_workers: int | None,
+              dashboard_address: str | None, no_cluster: bool) -> None:
+    """EDS-guided random-forest labels of MOSAIC from sparse scribbles (-> labels/NAME)."""
+    from .label import label
+
+    names = [c.strip() for c in classes.split(",")] if classes else None
+    with _client(no_cluster, scheduler_address=scheduler_address,
+                 scheduler_file=scheduler_file, n_workers=n_workers,
+                 dashboard_address=dashboard_address) as client:
+        _announce(client)
+        r = label(mosaic, annotations, eds=_eds_source(eds), classes=names, name=name,
+                  output=output, register=not no_register, tile=tile, chunk=chunk,
+                  unlabelled=int(unlabelled), radius=radius, n_estimators=trees,
+                  max_depth=max_depth, seed=seed, overwrite=overwrite, client=client)
+    if r.shift is not None:
+        dy, dx = r.shift.mean
+        true = ("" if r.true_shift_px is None else " (true: "
+                f"{r.true_shift_px[0] * r.shift.factor:+.2f}, "
+                f"{r.true_shift_px[1] * r.shift.factor:+.2f})")
+        click.echo(f"EDS shift (dy, dx): {dy:+.2f}, {dx:+.2f} SEM px{true}, "
+                   f"{int(r.shift.inliers.sum())}/{r.shift.inliers.size} tiles kept")
+    click.echo(f"training pixels per class: "
+               f"{', '.join(f'{c} {n}' for c, n in zip(r.classes, r.n_train, strict=True))}")
+    click.echo(f"wrote {r.output}/labels/{r.labels} and {r.confidence} ({r.shape[0]} x "
+               f"{r.shape[1]} px, {r.n_features} features) in {r.seconds['total']:.1f} s "
+               f"= {r.s_per_gpix / 3600:.2f} h per gigapixel")
+# --- end label -----------------------------------------------------------------
+
+# --- analyze (analysis.py) -----------------------------------------------------
+@main.command("analyze")
+@click.argument("mosaics", nargs=-1, required=True, metavar="MOSAIC...",
+                type=click.Path(exists=False))
+@click.option("--series", is_flag=True,
+              help="Time series: MOSAIC... are PATH:TIME items (e.g. a.ome.zarr:5).")
+@click.option("--labels", "name", default="phases", help="Label group to analyse.")
+@click.option("--truth", default=None, help="Reference label group (e.g. truth): errors in pp.")
+@click.option("--roi", "rois", multiple=True, metavar="Y0:Y1,X0:X1",
+              help="Also analyse this region (pixels); repeat for several.")
+@click.option("--tile", type=int, default=2048, help="Tile edge (px) for spread and 95 % CI.")
+@click.option("--connectivity", type=click.Choice(["4", "8"]), default="4",
+              help="Pixel neighbourhood of connected components.")
+@click.option("--min-size-px", "min_size", type=int, default=9,
+              help="Smaller components are left out of the size statistics.")
+@click.option("--pixel-size", type=float, default=None,
+              help="Pixel size in um [default: from the store].")
+@click.option("--time-unit", default="min", help="Unit of the series times.")
+@click.option("--out", "out", type=click.Path(file_okay=False), default="analysis",
+              help="Output folder (CSV, JSON, PNG).")
+@_cluster_options
+@_handle_errors
+def analyze_cmd(mosaics: tuple[str, ...], series: bool, name: str, truth: str | None,
+                rois: tuple[str, ...], tile: int, connectivity: str, min_size: int,
+                pixel_size: float | None, time_unit: str, out: str, no_cluster: bool,
+                **cluster: Any) -> None:
+    """Fractions (95 % CI), connectivity, sizes, TPB and interfaces of MOSAIC's labels.
+
+    With --series: NiO (and other) fractions of several mosaics against time, e.g.
+    ``semdask analyze --series a.ome.zarr:0 b.ome.zarr:2 c.ome.zarr:5 --truth truth``.
+    """
+    from .analysis import analyze, analyze_series, write_analysis, write_series
+    from .errors import InputError
+
+    if not series and len(mosaics) != 1:
+        raise InputError("analyze", expected="one MOSAIC (or --series PATH:TIME ...)",
+                         got=f"{len(mosaics)} mosaics", fix="add --series for a time series")
+    with _client(no_cluster, **cluster) as client:  # the _cluster_options, as given
+        _announce(client)
+        if series:
+            s = analyze_series(mosaics, labels=name, truth=truth, time_unit=time_unit,
+                               tile=tile, pixel_size_um=pixel_size)
+            files = write_series(s, out)
+            click.echo(s.table("NiO"))
+        else:
+            res = analyze(mosaics[0], labels=name, rois=rois, tile=tile,
+                          connectivity=1 if connectivity == "4" else 2, min_area_px=min_size,
+                          pixel_size_um=pixel_size, truth=truth)
+            files = write_analysis(res, out)
+    if not series:
+        for a in res:
+            u = a.unit
+            if a.pixel_size_um is None:
+                click.echo("note: no pixel size in the store; lengths and areas are in px "
+                           "(pass --pixel-size UM)")
+            click.echo(f"[{a.region}] {a.shape[0]} x {a.shape[1]} px")
+            for r, c in zip(a.fractions, a.connectivity, strict=True):
+                ci = ("" if r["ci_low"] is None else
+                      f" (95% CI {100 * r['ci_low']:.2f}-{100 * r['ci_high']:.2f})")
+                click.echo(f"  {r['phase']:<6}{100 * r['fraction']:7.2f} %{ci}, "
+                           f"percolating {100 * (c['percolating'] or 0):.0f} %")
+            if a.tpb["points"] is not None:
+                click.echo(f"  TPB {a.tpb['points']} points, {a.tpb[f'P_A_per_{u}2']:.4g} "
+                           f"/{u}^2")
+    click.echo(f"wrote {len(files)} files to {out}")
+
+
+# --- end analyze ---------------------------------------------------------------
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -48,6 +48,7 @@ __all__ = [
     "begin_labels",
     "create_array",
     "finish_group",
+    "open_array",
     "open_extra_image",
     "open_labels",
     "open_mosaic",
@@ -389,6 +390,16 @@ def write_extra_image(path: PathLike, name: str, array: da.Array, *,
                             attrs=attrs, chunk=shard[-1], overwrite=overwrite, levels=levels)
     store_blocks([align_to(x, arr)], [arr])
     finish_group(path, name)
+
+
+def open_array(path: PathLike, group: str, level: int = 0, *,
+               mode: Literal["r", "r+"] = "r") -> zarr.Array:
+    """Level ``level`` of ``group`` as a zarr array, complete or not (ledger, resume, verify)."""
+    sub = "/".join(s for s in (group, str(level)) if s)
+    try:
+        return zarr.open_array(store=str(Path(path)), path=sub, mode=mode)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise StoreError(f"{path}/{sub}", expected="a Zarr array", got="nothing there") from e
 
 
 def open_extra_image(path: PathLike, name: str, level: int = 0) -> da.Array:

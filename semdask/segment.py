@@ -1,16 +1,30 @@
 """Entry point of the ``segment`` arrow: OME-Zarr mosaic + model -> labels (+ probs, confidence).
 
-Outputs are created first (marked incomplete), written shard-aligned in one
-graph (labels, probs and confidence share the inference), then given their
-pyramids and marked complete. A run that fails or is interrupted leaves
-``complete: false`` behind, which every reader refuses.
+Outputs are created first (marked incomplete). Each block is then one task that
+writes its shard of every output (labels, probs and confidence share the
+inference) and records itself in the per-block ledger (:mod:`semdask.ledger`);
+when every block is recorded the groups get their pyramids and are marked
+complete. A run that fails or is interrupted leaves ``complete: false`` behind,
+which every reader refuses; ``resume=True`` recomputes only the blocks that are
+missing or stale (another run key, checksum mismatch).
+
+Blocks are submitted a few at a time, so a SIGTERM (walltime, pre-emption)
+caught by :func:`drain_on_sigterm` drains the run: no new blocks start, the
+running ones finish writing and recording, and :class:`InterruptedRun` (exit
+status 75, EX_TEMPFAIL) says how to resume.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
+import threading
 import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +32,9 @@ from typing import Any
 import dask
 import numpy as np
 
-from . import __version__, config
+from . import __version__, config, ledger, ome
 from . import io as sio
+from .errors import SemdaskError, StoreError
 from .infer import (
     InferencePlan,
     blended_probs,
@@ -29,9 +44,55 @@ from .infer import (
 )
 from .normalise import NormStats, compute_stats
 
-__all__ = ["SegmentResult", "mosaic_stats", "segment"]
+__all__ = [
+    "EX_TEMPFAIL",
+    "InterruptedRun",
+    "SegmentResult",
+    "drain_on_sigterm",
+    "mosaic_stats",
+    "segment",
+    "stop_requested",
+]
 
 log = logging.getLogger(__name__)
+EX_TEMPFAIL = 75  # sysexits.h: temporary failure, try again (here: with --resume)
+_STOP = threading.Event()
+
+
+class InterruptedRun(SemdaskError):
+    """A run drained after SIGTERM: every finished block is recorded; resume it."""
+
+    exit_code = EX_TEMPFAIL
+
+
+def stop_requested() -> bool:
+    """True once SIGTERM arrived inside :func:`drain_on_sigterm`."""
+    return _STOP.is_set()
+
+
+@contextmanager
+def drain_on_sigterm() -> Iterator[threading.Event]:
+    """Turn SIGTERM into a drain request while the block is active (main thread only).
+
+    The first SIGTERM sets the returned event: running segmentations start no new
+    blocks, let the running ones finish and raise :class:`InterruptedRun`. A second
+    SIGTERM terminates at once (the default action).
+    """
+    _STOP.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield _STOP
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        log.warning("SIGTERM: draining (no new blocks; running blocks finish and record)")
+        _STOP.set()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield _STOP
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 @dataclass(frozen=True)
@@ -46,17 +107,25 @@ class SegmentResult:
     model_sha256: str
     seconds: float
     extras: list[str] = field(default_factory=list)
+    blocks_total: int = 0
+    blocks_computed: int = 0
+    up_to_date: bool = False
 
     @property
     def mpix_per_s(self) -> float:
         return self.shape[0] * self.shape[1] / 1e6 / max(self.seconds, 1e-9)
 
 
-def mosaic_stats(mosaic: sio.Mosaic, low: float, high: float) -> NormStats:
-    """Normalisation stats of a mosaic: reuse the stored ones, else compute once (pooled)."""
-    stored = (mosaic.attrs.get("semdask") or {}).get("normalisation")
-    if stored and stored.get("low_percentile") == low and stored.get("high_percentile") == high:
-        return NormStats.from_dict(stored)
+def mosaic_stats(mosaic: sio.Mosaic, low: float, high: float,
+                 fallback: dict[str, Any] | None = None) -> NormStats:
+    """Normalisation stats of a mosaic: reuse the stored ones, else compute once (pooled).
+
+    ``fallback``: attributes of an output store that copied this mosaic (its stats).
+    """
+    for attrs in (mosaic.attrs, fallback or {}):
+        st = (attrs.get("semdask") or {}).get("normalisation")
+        if st and st.get("low_percentile") == low and st.get("high_percentile") == high:
+            return NormStats.from_dict(st)
     st = compute_stats(mosaic.image, low, high)
     log.info("normalisation over the whole mosaic: low=%.4g high=%.4g", st.low, st.high)
     return st
@@ -82,6 +151,7 @@ def segment(
     client: Any = None,
     progress: bool = True,
     gpu_resources: bool = False,
+    resume: bool = False,
 ) -> SegmentResult:
     """Segment a whole OME-Zarr mosaic into phases with blended U-Net inference.
 
@@ -107,6 +177,16 @@ def segment(
         Run on this cluster (else the current Dask scheduler).
     gpu_resources : bool
         Annotate the inference layer with ``resources={"GPU": 1}`` (GPU workers).
+    resume : bool
+        Keep the blocks of an earlier run with the same run key (input, model, plan,
+        statistics, outputs, version) that are recorded and intact; recompute the rest.
+        A different run key replaces the outputs (full recompute); an output that is
+        complete and intact is left alone (``up_to_date``).
+
+    Raises
+    ------
+    InterruptedRun
+        After SIGTERM inside :func:`drain_on_sigterm` (finished blocks are recorded).
 
     Returns
     -------
@@ -130,66 +210,88 @@ def segment(
         receptive_field=int(mcfg.receptive_field),
         blend=str(config.resolve(blend, "segment.blend")))
     norm = mcfg.normalisation
-    stats = mosaic_stats(m, norm.low_percentile, norm.high_percentile)
+    out = Path(output) if output is not None else m.path
+    inside = out.resolve() == m.path.resolve()
+    reuse_copy = not inside and resume and _image_ready(out, m)
+    stats = mosaic_stats(m, norm.low_percentile, norm.high_percentile,
+                         fallback=sio.read_attrs(out) if reuse_copy else None)
     _check_pixel_size(m.pixel_size_um, mcfg.pixel_size_um)
 
-    out = Path(output) if output is not None else m.path
-    if out.resolve() == m.path.resolve():
+    if inside:
         # computed once per mosaic: later runs (and training) reuse the stored statistics
-        sio.update_attrs(m.path, "", {"normalisation": stats.to_dict()})
-    else:
-        sio.validate_output_path(out, overwrite=overwrite)
+        if (m.attrs.get("semdask") or {}).get("normalisation") != stats.to_dict():
+            sio.update_attrs(m.path, "", {"normalisation": stats.to_dict()})
+    elif not reuse_copy:
+        rewrite = overwrite or (resume and out.exists())  # resume: our unfinished copy
+        sio.validate_output_path(out, overwrite=rewrite)
         sio.write_image(out, m.image, pixel_size_um=m.pixel_size_um,
                         attrs={"source": str(m.path), "normalisation": stats.to_dict()},
-                        overwrite=overwrite)
+                        overwrite=rewrite)
+    prec = str(config.resolve(precision, "segment.precision"))
     provenance = {
         "version": __version__,
         "model": {"path": str(model_path), "sha256": sha, "classes": list(mcfg.classes)},
         "plan": plan.to_dict(),
-        "precision": config.resolve(precision, "segment.precision"),
+        "precision": prec,
         "normalisation": stats.to_dict(),
         "source": str(m.path),
     }
     classes = list(mcfg.classes)
     colours = [(int(c[0]), int(c[1]), int(c[2]), int(c[3])) for c in mcfg.colours] or None
-    shard = plan.chunk
-    targets, sources, written = [], [], []
+    group = f"labels/{name}"
+    written = [group, *(["probs"] if probs else []), *(["confidence"] if confidence else [])]
 
     with dask.annotate(resources={"GPU": 1}) if gpu_resources else _null():
         p = blended_probs(m.image, str(model_path), n_classes=len(classes), stats=stats,
                           plan=plan, model_sha=sha, precision=precision,
                           batch_size=batch_size, device=device)
-    lab_arr = sio.begin_labels(out, name, shape=plan.shape, chunk=shard, classes=classes,
-                               colours=colours, attrs={"provenance": provenance},
-                               overwrite=overwrite)
-    targets.append(lab_arr)
-    sources.append(labels_from_probs(p))
-    written.append(f"labels/{name}")
-    if probs:
-        targets.append(sio.begin_extra_image(
-            out, "probs", shape=(len(classes), *plan.shape), dtype=np.float16, chunk=shard,
-            channel_names=classes, pixel_size_um=m.pixel_size_um,
-            attrs={"provenance": provenance}, overwrite=overwrite))
-        sources.append(p.astype(np.float16))
-        written.append("probs")
-    if confidence:
-        targets.append(sio.begin_extra_image(
-            out, "confidence", shape=plan.shape, dtype=np.float16, chunk=shard,
-            channel_names=None, pixel_size_um=m.pixel_size_um,
-            attrs={"provenance": provenance}, overwrite=overwrite))
-        sources.append(confidence_from_probs(p))
-        written.append("confidence")
+    sources = [labels_from_probs(p)]
+    sources += [p.astype(np.float16)] if probs else []
+    sources += [confidence_from_probs(p)] if confidence else []
+    blocks = ledger.block_slices(sources[0].chunks)
+    key = ledger.run_key(ledger.input_identity(m), model_sha=sha, plan=plan.to_dict(),
+                         precision=prec, stats=stats.to_dict(), outputs=written)
+    led = ledger.Ledger(out, group)
+    head = led.header() if resume else None
+    todo = sorted(blocks)
+    targets = _open_targets(out, written, plan.shape) if head and head["key"] == key else None
+    if targets is not None and head is not None:
+        status = ledger.audit(out, group, head, led.records())
+        todo = sorted(b for b, why in status.items() if why != "ok")
+        if not todo and all(_complete(out, g) for g in written):
+            log.info("%s/%s is up to date (%d blocks verified)", out, group, len(blocks))
+            return SegmentResult(out, group, plan.shape, plan, stats, sha,
+                                 time.perf_counter() - t0, written[1:], len(blocks), 0, True)
+        log.info("resuming %s/%s: %d of %d blocks missing or stale", out, group, len(todo),
+                 len(blocks))
+        for g in written:
+            sio.set_complete(out, g, False)
+        ledger.clear_shards(out, written, targets, [blocks[b] for b in todo])
+    else:
+        if head is not None:
+            log.warning("the ledger of %s/%s is stale (input, model, plan or outputs changed): "
+                        "recomputing all %d blocks", out, group, len(blocks))
+        targets = _begin_targets(out, written, plan, classes, colours, provenance,
+                                 m.pixel_size_um, overwrite or resume)
+        led.begin({"key": key, "chunks": [list(c) for c in sources[0].chunks],
+                   "outputs": written, "model": sha, "plan": plan.to_dict(), "precision": prec,
+                   "normalisation": stats.to_dict(), "source": str(m.path),
+                   "version": __version__}, keep_records=False)
 
     log.info("segmenting %s (%d x %d px, %s mode, window %d, stride %d, halo %d, chunk %d, "
-             "%d chunks)", m.path, *plan.shape, plan.mode, plan.window, plan.stride, plan.halo,
-             plan.chunk, len(plan.chunks[0]) * len(plan.chunks[1]))
-    _run(sio.store_blocks(sources, targets, compute=False), client=client, progress=progress)
+             "%d of %d blocks)", m.path, *plan.shape, plan.mode, plan.window, plan.stride,
+             plan.halo, plan.chunk, len(todo), len(blocks))
+    tasks = _block_tasks(sources, targets, written, blocks, todo, store=out, group=group,
+                         key=key)
+    _run_blocks(tasks, client=client, progress=progress, mosaic=m.path, output=out,
+                inside=inside, name=name)
     for g in written:
         sio.finish_group(out, g)
     secs = time.perf_counter() - t0
     log.info("wrote %s to %s in %.1f s (%.2f MPix/s)", ", ".join(written), out, secs,
              plan.shape[0] * plan.shape[1] / 1e6 / secs)
-    return SegmentResult(out, f"labels/{name}", plan.shape, plan, stats, sha, secs, written[1:])
+    return SegmentResult(out, group, plan.shape, plan, stats, sha, secs, written[1:],
+                         len(blocks), len(todo), False)
 
 
 def _check_pixel_size(mosaic_um: float | None, model_um: float | None) -> None:
@@ -211,22 +313,114 @@ class _null:
         return None
 
 
-def _run(delayed: Any, *, client: Any, progress: bool) -> None:
-    """Compute ``delayed`` on ``client`` (or the current scheduler) with a progress bar."""
+def _image_ready(out: Path, m: sio.Mosaic) -> bool:
+    """True when ``out`` holds a complete copy of the mosaic's image (resume)."""
+    try:
+        return tuple(sio.open_mosaic(out).image.shape) == tuple(m.image.shape)
+    except (SemdaskError, OSError):
+        return False
+
+
+def _complete(out: Path, group: str) -> bool:
+    return (sio.read_attrs(out, group).get("semdask") or {}).get("complete") is True
+
+
+def _open_targets(out: Path, groups: Sequence[str], shape: tuple[int, int]) -> list[Any] | None:
+    """The level-0 arrays of existing outputs (None when one is missing or misshapen)."""
+    try:
+        arrs = [sio.open_array(out, g, mode="r+") for g in groups]
+    except StoreError:
+        return None
+    return arrs if all(tuple(a.shape[-2:]) == shape for a in arrs) else None
+
+
+def _begin_targets(out: Path, groups: Sequence[str], plan: InferencePlan, classes: list[str],
+                   colours: Any, provenance: dict[str, Any], pixel_size_um: float | None,
+                   overwrite: bool) -> list[Any]:
+    """Create every output (marked incomplete) with its pyramid arrays; return level 0s."""
+    attrs = {"provenance": provenance}
+    arrays = [sio.begin_labels(out, groups[0].split("/", 1)[1], shape=plan.shape,
+                               chunk=plan.chunk, classes=classes, colours=colours, attrs=attrs,
+                               overwrite=overwrite)]
+    for g in groups[1:]:
+        shape = (len(classes), *plan.shape) if g == "probs" else plan.shape
+        arrays.append(sio.begin_extra_image(
+            out, g, shape=shape, dtype=np.float16, chunk=plan.chunk,
+            channel_names=classes if g == "probs" else None, pixel_size_um=pixel_size_um,
+            attrs=attrs, overwrite=overwrite))
+    return arrays
+
+
+def _block_tasks(sources: Sequence[Any], targets: Sequence[Any], names: Sequence[str],
+                 blocks: dict[ledger.Index, ledger.Slices], todo: Sequence[ledger.Index], *,
+                 store: Path, group: str, key: str) -> list[Any]:
+    """One delayed ``ledger.write_block`` per block to do (sources share the inference)."""
+    for src, tgt in zip(sources, targets, strict=True):
+        bad = ome.misaligned(src.chunks, tuple(tgt.shards or tgt.chunks))
+        if bad is not None:
+            raise StoreError(f"dask chunks of {tgt.path}", expected="shard-aligned blocks",
+                             got=f"a boundary at {bad[1]} on axis {bad[0]}")
+    parts = [s.to_delayed(optimize_graph=False) for s in sources]
+    delay = float(config.get("testing.block-delay", 0) or 0)
+    run = uuid.uuid4().hex[:8]
+    write = dask.delayed(ledger.write_block, pure=False)
+    return [write(idx, blocks[idx], [d[(0, *idx)] if d.ndim == 3 else d[idx] for d in parts],
+                  list(targets), list(names), store=str(store), group=group, key=key,
+                  delay=delay, dask_key_name=f"semdask-write-{run}-{idx[0]}-{idx[1]}")
+            for idx in todo]
+
+
+def _run_blocks(tasks: Sequence[Any], *, client: Any, progress: bool, mosaic: Path,
+                output: Path, inside: bool, name: str) -> int:
+    """Run block tasks a few at a time; stop submitting after SIGTERM or a failure.
+
+    Raises the first block's error after the running blocks finished (fail loud), or
+    :class:`InterruptedRun` when a drain was requested before every block ran.
+    """
+    from tqdm import tqdm
+
+    done, error = 0, None
+    bar = tqdm(total=len(tasks), unit="block", disable=not progress or not tasks,
+               file=sys.stderr, mininterval=1.0)
     if client is not None:
-        fut = client.compute(delayed, optimize_graph=True)
-        if progress:
-            from distributed import progress as dprogress
+        from distributed import as_completed
 
-            dprogress(fut, notebook=False)
-        fut.result()
-        return
-    if progress:
-        from dask.diagnostics import ProgressBar
+        pending = iter(tasks)
+        running = as_completed()
+        limit = max(2, 2 * sum(client.nthreads().values()))
 
-        with ProgressBar(minimum=2.0):
-            dask.compute(delayed)
+        def submit() -> None:
+            t = next(pending, None)
+            if t is not None:
+                running.add(client.compute(t))
+
+        for _ in range(limit):
+            submit()
+        for fut in running:
+            try:
+                fut.result()
+                done += 1
+            except Exception as e:  # fail loud, after the running blocks are recorded
+                log.error("block task %s failed: %s", fut.key, e)
+                error = error or e
+            bar.update(1)
+            if error is None and not _STOP.is_set():
+                submit()
     else:
-        dask.compute(delayed)
-
-
+        step = 2 * (os.cpu_count() or 1)
+        for i in range(0, len(tasks), step):
+            if _STOP.is_set():
+                break
+            dask.compute(*tasks[i: i + step])
+            done += len(tasks[i: i + step])
+            bar.update(len(tasks[i: i + step]))
+    bar.close()
+    if error is not None:
+        raise error
+    if _STOP.is_set():
+        where = "" if inside else f" --output {output}"
+        extra = "" if name == "phases" else f" --name {name}"
+        raise InterruptedRun("interrupted; resumable with --resume",
+                             got=f"{done} of {len(tasks)} blocks written and recorded",
+                             fix=f"semdask segment {mosaic}{where}{extra} --resume")
+    return done

@@ -1,0 +1,516 @@
+"""EDS-guided random-forest labelling of SEM mosaics (the paper's Ilastik step, on Dask).
+
+``label`` turns a mosaic, its EDS element maps (lower resolution, possibly shifted) and a
+few scribbles into ``labels/<name>`` plus a float16 ``<name>-confidence`` image:
+
+1. EDS maps are registered to the SEM image per tile (:func:`register_eds`: sub-pixel
+   phase cross-correlation against an SEM-from-EDS least-squares proxy; outlier tiles
+   rejected, a smooth shift field) and upsampled onto SEM pixels (:func:`upsample_eds`,
+   bilinear, lazily with ``map_overlap``).
+2. Multiscale features of SEM and EDS channels (:func:`feature_stack`: ``map_overlap`` with
+   the halo ``ceil(4 * max sigma)`` of the :class:`~semdask.features.FeatureSpec`).
+3. A random forest (or any injected ``classifier`` with fit/predict(_proba)) is fitted on
+   the annotated pixels, gathered only from the chunks that hold annotations
+   (:func:`training_pixels`), then predicts every chunk (:func:`predict_probs`; the fitted
+   classifier is one graph key, or one scattered future, never pickled into every task).
+
+Annotations: 0 = unlabelled, ``k + 1`` = class ``k`` (Ilastik's convention; pass
+``unlabelled=255`` for maps holding class ids with 255 = unlabelled). CSV/GeoJSON files:
+see :func:`parse_annotations`. The confidence (max class probability) is meant as a
+per-pixel training weight for the U-Net: low where EDS and texture disagree or at
+boundaries blurred by the EDS interaction volume.
+
+Examples
+--------
+>>> _grid(1100, 512, 40), _grid(1000, 512, 40)
+((512, 588), (512, 488))
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+from . import io
+from .errors import InputError
+from .features import (
+    Annotation,
+    FeatureSpec,
+    aggregate_shifts,
+    estimate_shift,
+    features_block,
+    parse_annotations,
+    rasterise,
+    resample_block,
+    synthetic_scribbles,
+)
+
+__all__ = [
+    "EDS_FEATURES",
+    "EdsMaps",
+    "LabelResult",
+    "ShiftField",
+    "feature_stack",
+    "fit_classifier",
+    "label",
+    "load_eds",
+    "parse_annotations",
+    "predict_probs",
+    "read_annotations",
+    "register_eds",
+    "synthetic_scribbles",
+    "training_pixels",
+    "upsample_eds",
+]
+
+log = logging.getLogger(__name__)
+#: default EDS features: the maps are smooth (interaction volume), so fewer kinds
+EDS_FEATURES = FeatureSpec(kinds=("gaussian", "gradient", "log"))
+_F32 = np.empty((0, 0, 0), np.float32)
+
+
+@dataclass(frozen=True)
+class EdsMaps:
+    """EDS element maps ``data`` float32 (c, ceil(H/factor), ceil(W/factor)) of an H x W
+    mosaic; ``true_shift_px`` (EDS px) is known for synthetic mosaics only."""
+
+    data: da.Array
+    channels: tuple[str, ...]
+    factor: int
+    true_shift_px: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class ShiftField:
+    """EDS misregistration per tile: displacement (dy, dx) of EDS features relative to the
+    SEM image, in SEM px, at tile ``centres``; ``field`` is the robust smoothed version."""
+
+    factor: int
+    tile: int
+    centres: tuple[np.ndarray, np.ndarray]
+    field: np.ndarray  # (2, ny, nx)
+    raw: np.ndarray  # (ny, nx, 2)
+    quality: np.ndarray  # (ny, nx)
+    inliers: np.ndarray  # (ny, nx) bool
+
+    @property
+    def mean(self) -> tuple[float, float]:
+        """Mean (dy, dx) of the field, SEM px."""
+        return float(self.field[0].mean()), float(self.field[1].mean())
+
+    @property
+    def max_abs(self) -> float:
+        return float(np.abs(self.field).max()) if self.field.size else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean_sem_px": list(self.mean), "mean_eds_px": [v / self.factor for v in
+                                                                self.mean],
+                "tile": self.tile, "tiles": list(self.raw.shape[:2]),
+                "inliers": int(self.inliers.sum()), "field_sem_px": self.field.tolist(),
+                "quality": self.quality.round(3).tolist()}
+
+    @classmethod
+    def zero(cls, shape: tuple[int, int], factor: int) -> ShiftField:
+        c = (np.array([shape[0] / 2]), np.array([shape[1] / 2]))
+        return cls(factor, max(shape), c, np.zeros((2, 1, 1)), np.zeros((1, 1, 2)),
+                   np.zeros((1, 1)), np.zeros((1, 1), bool))
+
+
+def _grid(length: int, edge: int, minimum: int) -> tuple[int, ...]:
+    """Chunks of ``edge``; a last sliver smaller than ``minimum`` joins its neighbour."""
+    n, rem = divmod(length, edge)
+    sizes = [edge] * n
+    if rem and sizes and rem < minimum:
+        sizes[-1] += rem
+    elif rem:
+        sizes.append(rem)
+    return tuple(sizes)
+
+
+# ----------------------------------------------------------------------------- EDS
+def load_eds(source: Any, shape: tuple[int, int], *, mosaic: Any = None,
+             channels: Sequence[str] | None = None) -> EdsMaps:
+    """EDS maps for an H x W mosaic from ``"store"`` (the mosaic's ``eds`` group), a mapping
+    ``{element: image file or 2-D array}`` or a (c, h, w) array; resolution ``1 / factor``.
+
+    Raises
+    ------
+    InputError
+        Wrong dimensions, maps of different sizes, or no integer resolution factor.
+    """
+    true = None
+    if isinstance(source, str) and source == "store":
+        try:
+            arr = io.open_extra_image(mosaic, "eds")
+        except Exception as e:
+            raise InputError("EDS maps", expected=f"an 'eds' image group in {mosaic}",
+                             got="none", fix="pass --eds Ni=ni.tif --eds O=o.tif ..., or "
+                             "--eds none for SEM-only features") from e
+        sem = io.read_attrs(mosaic, "eds").get("semdask") or {}
+        names = tuple(sem.get("channels") or (f"eds{i}" for i in range(arr.shape[0])))
+        true = tuple(sem["true_shift_px"]) if "true_shift_px" in sem else None
+    elif isinstance(source, Mapping):
+        from .readers import open_image
+
+        maps = []
+        for v in source.values():
+            if isinstance(v, str | Path):
+                img = open_image(v)
+                v = img.read(0, img.shape[0], 0, img.shape[1])
+            maps.append(np.asarray(v, np.float32))
+        if any(m.ndim != 2 for m in maps) or len({m.shape for m in maps}) != 1:
+            raise InputError("EDS maps", expected="2-D element maps of one size",
+                             got=f"shapes {[m.shape for m in maps]}",
+                             fix="export one single-channel image per element at one size")
+        arr, names = da.from_array(np.stack(maps)), tuple(source)
+    else:
+        arr = source if isinstance(source, da.Array) else da.from_array(np.asarray(source))
+        names = tuple(channels or (f"eds{i}" for i in range(arr.shape[0] if arr.ndim else 0)))
+    if arr.ndim != 3 or len(names) != arr.shape[0]:
+        raise InputError("EDS maps", expected="a (c, y, x) stack with one name per channel",
+                         got=f"shape {arr.shape}, channels {list(names)}",
+                         fix="stack the element maps: np.stack([ni, o, zr]) (one map: m[None])")
+    H, W = shape
+    f = max(1, round(H / arr.shape[1]))
+    if any(abs(n * f - s) >= f for n, s in zip(arr.shape[1:], shape, strict=True)):
+        raise InputError("EDS maps", expected=f"an integer fraction of the {H} x {W} mosaic "
+                         f"(e.g. {-(-H // 4)} x {-(-W // 4)} for 1/4)",
+                         got=f"{arr.shape[1]} x {arr.shape[2]}",
+                         fix="resample the maps to 1/n of the SEM size, or crop the SEM image")
+    he, we = -(-H // f), -(-W // f)
+    arr = arr[:, :he, :we].astype(np.float32)
+    if arr.shape[1:] != (he, we):
+        arr = da.pad(arr, ((0, 0), (0, he - arr.shape[1]), (0, we - arr.shape[2])), mode="edge")
+    return EdsMaps(arr, names, f, true)
+
+
+def register_eds(sem: da.Array, eds: EdsMaps, *, tile: int = 2048, upsample_factor: int = 20,
+                 lowpass: float = 1.0, min_quality: float = 0.3,
+                 max_deviation: float = 2.0) -> ShiftField:
+    """Estimate the EDS shift per ``tile`` (SEM px) and aggregate it into a smooth field.
+
+    The SEM image is binned (mean) onto the EDS grid; each tile pair goes through
+    :func:`semdask.features.estimate_shift` (one task per tile); tiles are combined by
+    :func:`semdask.features.aggregate_shifts` (``max_deviation`` in SEM px).
+    """
+    f = eds.factor
+    he, we = eds.data.shape[1:]
+    pad = ((0, he * f - sem.shape[0]), (0, we * f - sem.shape[1]))
+    te = max(16, tile // f)
+    x = da.pad(sem.astype(np.float32), pad, mode="edge").rechunk(te * f)
+    binned = da.coarsen(np.mean, x, {0: f, 1: f})
+    ys, xs = _grid(he, te, te // 2), _grid(we, te, te // 2)
+    oy, ox = np.cumsum((0, *ys)), np.cumsum((0, *xs))
+    tasks = [dask.delayed(estimate_shift)(binned[oy[i]:oy[i + 1], ox[j]:ox[j + 1]],
+                                          eds.data[:, oy[i]:oy[i + 1], ox[j]:ox[j + 1]],
+                                          upsample_factor=upsample_factor, lowpass=lowpass)
+             for i in range(len(ys)) for j in range(len(xs))]
+    res = np.array(dask.compute(*tasks), np.float64).reshape(len(ys), len(xs), 3)
+    raw = res[..., :2] * f
+    fld, ok = aggregate_shifts(raw, res[..., 2], min_quality=min_quality,
+                               max_deviation=max_deviation)
+    centres = ((oy[:-1] + oy[1:]) * f / 2, (ox[:-1] + ox[1:]) * f / 2)
+    out = ShiftField(f, te * f, centres, fld, raw, res[..., 2], ok)
+    log.info("EDS registration: %d/%d tiles kept, mean shift (dy, dx) = (%.2f, %.2f) SEM px",
+             ok.sum(), ok.size, *out.mean)
+    return out
+
+
+def upsample_eds(eds: EdsMaps, shift: ShiftField | None, chunks: tuple[tuple[int, ...], ...]
+                 ) -> da.Array:
+    """EDS maps on SEM pixels (c, y, x) float32 with SEM ``chunks`` (multiples of the factor
+    but the last), shift-corrected and bilinear (:func:`semdask.features.resample_block`)."""
+    f = eds.factor
+    shift = shift or ShiftField.zero((sum(chunks[0]), sum(chunks[1])), f)
+    de = math.ceil(shift.max_abs / f) + 2
+    ech = [(*(c // f for c in ch[:-1]), n - sum(c // f for c in ch[:-1]))
+           for ch, n in zip(chunks, eds.data.shape[1:], strict=True)]
+    if min(min(c) for c in ech) < de:
+        raise InputError("chunk", expected=f"chunks of at least {de * f} px",
+                         got=f"chunks {chunks}", fix="use larger --chunks")
+    x = eds.data.rechunk((eds.data.shape[0], *ech))
+    offs = [np.cumsum((0, *c)) for c in chunks]
+    eoffs = [np.cumsum((0, *c)) for c in ech]
+
+    def task(block: np.ndarray, block_id: tuple[int, ...] | None = None) -> np.ndarray:
+        assert block_id is not None
+        iy, ix = block_id[1:]
+        return resample_block(block, eds_origin=(eoffs[0][iy] - de, eoffs[1][ix] - de),
+                              out_origin=(offs[0][iy], offs[1][ix]),
+                              out_shape=(chunks[0][iy], chunks[1][ix]), factor=f,
+                              field=shift.field, centres=shift.centres)
+
+    return da.map_overlap(task, x, depth={0: 0, 1: de, 2: de}, boundary="nearest",
+                          trim=False, chunks=((x.shape[0],), *chunks), dtype=np.float32,
+                          meta=_F32, token="semdask-eds-upsample")
+
+
+# ----------------------------------------------------------------------------- features
+def _features_core(block: np.ndarray, spec: FeatureSpec, d: int) -> np.ndarray:
+    out = features_block(block, spec)
+    return out[:, d:out.shape[1] - d, d:out.shape[2] - d]
+
+
+def feature_stack(image: da.Array, spec: FeatureSpec | None = None) -> da.Array:
+    """Features (F, y, x) float32 of a (y, x) or (c, y, x) dask array, chunked like it.
+
+    ``map_overlap`` with ``depth = spec.depth`` and boundary reflect: equal to
+    :func:`semdask.features.multiscale_features` for any chunking.
+    """
+    spec = spec or FeatureSpec()
+    x = image[None] if image.ndim == 2 else image
+    if x.ndim != 3:
+        raise InputError("image", expected="a (y, x) or (c, y, x) array", got=f"{x.shape}")
+    x = x.rechunk({0: -1})
+    d = spec.depth
+    if min(min(c) for c in x.chunks[1:]) < d:
+        raise InputError("chunks", expected=f"at least the halo {d} px (4 x max sigma)",
+                         got=f"{x.chunks[1:]}", fix="use larger chunks or smaller sigmas")
+    n = x.shape[0] * spec.n_per_channel
+    return da.map_overlap(_features_core, x, depth={0: 0, 1: d, 2: d}, boundary="reflect",
+                          trim=False, chunks=((n,), *x.chunks[1:]), dtype=np.float32,
+                          meta=_F32, spec=spec, d=d, token="semdask-features")
+
+
+# ----------------------------------------------------------------------------- annotations
+def read_annotations(source: Any, shape: tuple[int, int], chunks: Any, *,
+                     classes: Sequence[str], mosaic: Any = None, unlabelled: int = 0,
+                     radius: float = 2.0) -> da.Array:
+    """Annotations as uint8 (y, x), 0 = unlabelled, ``k + 1`` = class ``k``, lazily.
+
+    ``source``: shapes (:class:`~semdask.features.Annotation`), a label array, a CSV or
+    GeoJSON file, a TIFF/PNG label image, or ``labels/<name>`` in the mosaic store.
+    Label images follow ``unlabelled`` (0: values are class id + 1; 255: class ids).
+    """
+    if isinstance(source, str | Path) and not Path(source).is_file():
+        name = str(source).removeprefix("labels/")
+        source = io.open_labels(mosaic, name).data
+    elif isinstance(source, str | Path) and Path(source).suffix.lower() in (
+            ".csv", ".geojson", ".json"):
+        source = parse_annotations(source, classes, radius=radius)
+    elif isinstance(source, str | Path):
+        from .readers import open_image
+
+        img = open_image(source)
+        source = img.read(0, img.shape[0], 0, img.shape[1])
+    if isinstance(source, Sequence) and all(isinstance(a, Annotation) for a in source):
+        if not source:
+            raise InputError("annotations", expected="at least one shape", got="none",
+                             fix="add points, strokes or polygons with a class")
+        shapes = list(source)
+        offs = [np.cumsum((0, *c)) for c in chunks]
+
+        def draw(block: np.ndarray, block_id: tuple[int, ...] | None = None) -> np.ndarray:
+            assert block_id is not None
+            iy, ix = block_id
+            return rasterise(shapes, offs[0][iy], offs[1][ix], *block.shape)
+
+        return da.map_blocks(draw, da.zeros(shape, np.uint8, chunks=chunks), dtype=np.uint8,
+                             meta=np.empty((0, 0), np.uint8))
+    arr = source if isinstance(source, da.Array) else da.from_array(np.asarray(source))
+    if tuple(arr.shape) != tuple(shape):
+        raise InputError("annotations", expected=f"a label image of the mosaic's shape {shape}",
+                         got=f"shape {arr.shape}", fix="draw the scribbles on the same image")
+    arr = arr.rechunk(chunks)
+    if unlabelled == 255:
+        arr = da.where(arr == 255, 0, arr.astype(np.int16) + 1)
+    elif unlabelled != 0:
+        raise InputError("unlabelled", expected="0 or 255", got=repr(unlabelled))
+    return arr.astype(np.uint8)
+
+
+def _count(b: np.ndarray) -> np.ndarray:
+    return np.array([[np.count_nonzero(b)]], np.int64)
+
+
+def _gather(feats: np.ndarray, ann: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    m = ann > 0
+    return feats[:, m].T.copy(), ann[m].astype(np.int64) - 1
+
+
+def training_pixels(features: da.Array, annotations: da.Array, n_classes: int, *,
+                    max_per_class: int | None = 100_000, seed: int = 0
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Features (n, F) and class ids (n,) of the annotated pixels.
+
+    Only chunks with annotations are computed; each class is subsampled (seeded) to at
+    most ``max_per_class`` pixels.
+    """
+    ann = annotations.rechunk(features.chunks[1:])
+    counts = da.map_blocks(_count, ann, dtype=np.int64, chunks=((1,) * ann.numblocks[0],
+                                                                 (1,) * ann.numblocks[1]))
+    n = np.asarray(counts.compute())
+    if not n.any():
+        raise InputError("annotations", expected="at least one labelled pixel", got="none",
+                         fix="draw scribbles (0 = unlabelled, class k = k + 1), or check "
+                         "--unlabelled")
+    tasks = [dask.delayed(_gather)(features.blocks[0, i, j], ann.blocks[i, j])
+             for i, j in zip(*np.nonzero(n), strict=True)]
+    parts = dask.compute(*tasks)
+    X = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    if y.max() >= n_classes:
+        raise InputError("annotations", expected=f"values 1..{n_classes} (class id + 1)",
+                         got=f"values up to {int(y.max()) + 1}",
+                         fix="check --classes, or pass --unlabelled 255 for class-id maps")
+    if max_per_class:
+        rng = np.random.default_rng(seed)
+        keep = np.concatenate([rng.permutation(np.flatnonzero(y == k))[:max_per_class]
+                               for k in range(n_classes)])
+        X, y = X[np.sort(keep)], y[np.sort(keep)]
+    log.info("training pixels per class: %s (%d chunks)",
+             np.bincount(y, minlength=n_classes).tolist(), len(tasks))
+    return X, y
+
+
+# ----------------------------------------------------------------------------- classifier
+def fit_classifier(X: np.ndarray, y: np.ndarray, *, classifier: Any = None,
+                   n_estimators: int = 100, max_depth: int | None = None, n_jobs: int = -1,
+                   seed: int = 0) -> Any:
+    """Fit ``classifier`` (any object with fit and predict_proba or predict) in place, or
+    a ``RandomForestClassifier(n_estimators, max_depth, class_weight="balanced")``."""
+    if classifier is None:
+        from sklearn.ensemble import RandomForestClassifier
+
+        classifier = RandomForestClassifier(n_estimators=n_estimators, max_depth=max_depth,
+                                            n_jobs=n_jobs, class_weight="balanced",
+                                            random_state=seed)
+    if not hasattr(classifier, "fit") or not (hasattr(classifier, "predict_proba")
+                                              or hasattr(classifier, "predict")):
+        raise InputError("classifier", expected="an object with fit() and predict_proba() or "
+                         "predict() (scikit-learn style)", got=type(classifier).__name__)
+    classifier.fit(X, y)
+    return classifier
+
+
+def _predict_block(feats: np.ndarray, clf: Any, n_classes: int) -> np.ndarray:
+    X = feats.reshape(feats.shape[0], -1).T
+    out = np.zeros((n_classes, X.shape[0]), np.float32)
+    cols = np.asarray(getattr(clf, "classes_", np.arange(n_classes)), np.int64)
+    if hasattr(clf, "predict_proba"):
+        out[cols] = np.asarray(clf.predict_proba(X), np.float32).T
+    else:
+        out[np.asarray(clf.predict(X), np.int64), np.arange(X.shape[0])] = 1
+    return out.reshape(n_classes, *feats.shape[1:])
+
+
+def predict_probs(features: da.Array, classifier: Any, n_classes: int, *,
+                  client: Any = None) -> da.Array:
+    """Class probabilities (K, y, x) float32 of every chunk of ``features``.
+
+    The fitted classifier enters the graph once: scattered to every worker with
+    ``client``, else as one delayed key (one pickle per worker, not per task). A default
+    random forest is switched to ``n_jobs=1`` (dask parallelises over chunks).
+    """
+    if "n_jobs" in getattr(classifier, "get_params", dict)():
+        classifier.set_params(n_jobs=1)
+    ref = (client.scatter(classifier, broadcast=True) if client is not None else
+           dask.delayed(classifier, name=f"classifier-{uuid.uuid4().hex}", traverse=False))
+    return da.map_blocks(_predict_block, features, ref, n_classes,
+                         chunks=((n_classes,), *features.chunks[1:]), dtype=np.float32,
+                         meta=_F32, token="semdask-rf-predict")
+
+
+# ----------------------------------------------------------------------------- entry point
+@dataclass
+class LabelResult:
+    """What :func:`label` wrote and measured."""
+
+    output: Path
+    labels: str
+    confidence: str
+    classes: list[str]
+    shape: tuple[int, int]
+    n_features: int
+    n_train: list[int]
+    shift: ShiftField | None
+    true_shift_px: tuple[float, float] | None
+    seconds: dict[str, float] = field(default_factory=dict)
+    classifier: Any = None
+
+    @property
+    def s_per_gpix(self) -> float:
+        """Wall time of the whole run, extrapolated linearly to 1e9 px."""
+        return self.seconds["total"] * 1e9 / (self.shape[0] * self.shape[1])
+
+
+def label(mosaic: Any, annotations: Any, *, eds: Any = "store",
+          eds_channels: Sequence[str] | None = None, classes: Sequence[str] | None = None,
+          colours: Sequence[tuple[int, int, int, int]] | None = None, name: str = "eds-rf",
+          output: Any = None, classifier: Any = None, sem_features: FeatureSpec | None = None,
+          eds_features: FeatureSpec = EDS_FEATURES, register: bool = True, tile: int = 2048,
+          upsample_factor: int = 20, chunk: int = 512, unlabelled: int = 0,
+          radius: float = 2.0, max_per_class: int | None = 100_000, n_estimators: int = 100,
+          max_depth: int | None = None, n_jobs: int = -1, seed: int = 0,
+          overwrite: bool = False, client: Any = None) -> LabelResult:
+    """EDS-guided labels of ``mosaic`` from sparse ``annotations`` (see the module doc).
+
+    ``eds``: ``"store"``, ``None`` (SEM features only), ``{element: file or array}`` or a
+    (c, h, w) array. ``classes``/``colours`` default to the synthetic PHASES/COLOURS.
+    Writes ``labels/<name>`` and ``<name>-confidence`` into ``output`` (default: the mosaic).
+    """
+    from .synthetic import COLOURS, PHASES
+
+    t0 = time.perf_counter()
+    m = io.open_mosaic(mosaic)
+    shape = (int(m.image.shape[0]), int(m.image.shape[1]))
+    classes = list(classes or PHASES)
+    colours = colours or (COLOURS if classes == list(PHASES) else None)
+    sem_features = sem_features or FeatureSpec()
+    maps = None if eds is None else load_eds(eds, shape, mosaic=m.path, channels=eds_channels)
+    f = maps.factor if maps else 1
+    sec: dict[str, float] = {}
+    shift = register_eds(m.image, maps, tile=tile, upsample_factor=upsample_factor) if (
+        maps and register) else None
+    sec["register"] = time.perf_counter() - t0
+    edge = -(-chunk // f) * f
+    minimum = max(sem_features.depth, eds_features.depth, f * (math.ceil(
+        (shift.max_abs if shift else 0) / f) + 3))
+    chunks = (_grid(shape[0], edge, minimum), _grid(shape[1], edge, minimum))
+    feats = feature_stack(m.image.rechunk(chunks), sem_features)
+    if maps:
+        ef = feature_stack(upsample_eds(maps, shift, chunks), eds_features)
+        feats = da.concatenate([feats, ef], axis=0).rechunk({0: -1})
+    ann = read_annotations(annotations, shape, chunks, classes=classes, mosaic=m.path,
+                           unlabelled=unlabelled, radius=radius)
+    X, y = training_pixels(feats, ann, len(classes), max_per_class=max_per_class, seed=seed)
+    clf = fit_classifier(X, y, classifier=classifier, n_estimators=n_estimators,
+                         max_depth=max_depth, n_jobs=n_jobs, seed=seed)
+    sec["fit"] = time.perf_counter() - t0 - sec["register"]
+    probs = predict_probs(feats, clf, len(classes), client=client)
+    lab = probs.argmax(axis=0).astype(np.uint8)
+    conf = probs.max(axis=0).astype(np.float16)
+    out = Path(output) if output is not None else m.path
+    prov = {"method": "eds-guided random forest", "classifier": repr(clf),
+            "annotations": str(annotations) if isinstance(annotations, str | Path) else
+            type(annotations).__name__, "eds_channels": list(maps.channels) if maps else [],
+            "sem_features": sem_features.names(["sem"]), "n_train": np.bincount(
+                y, minlength=len(classes)).tolist(),
+            "eds_shift": shift.to_dict() if shift else None}
+    lab_t = io.begin_labels(out, name, shape=shape, classes=classes, colours=colours,
+                            attrs={"provenance": prov}, overwrite=overwrite)
+    conf_t = io.begin_extra_image(out, f"{name}-confidence", shape=shape, dtype=np.float16,
+                                  attrs={"provenance": {"of": f"labels/{name}", "meaning":
+                                         "max class probability; use as a training weight"}},
+                                  overwrite=overwrite)
+    job = io.store_blocks([io.align_to(lab, lab_t), io.align_to(conf, conf_t)],
+                          [lab_t, conf_t], compute=False)
+    client.compute(job).result() if client is not None else job.compute()  # type: ignore
+    io.finish_group(out, f"labels/{name}")
+    io.finish_group(out, f"{name}-confidence")
+    sec["total"] = time.perf_counter() - t0
+    sec["predict"] = sec["total"] - sec["fit"] - sec["register"]
+    log.info("label: wrote %s/labels/%s in %.1f s", out, name, sec["total"])
+    return LabelResult(out, name, f"{name}-confidence", classes, shape, int(feats.shape[0]),
+                       np.bincount(y, minlength=len(classes)).tolist(), shift,
+                       maps.true_shift_px if maps else None, sec, clf)
