@@ -48,6 +48,7 @@ __all__ = [
     "interpolate_field",
     "multiscale_features",
     "parse_annotations",
+    "predict_block",
     "rasterise",
     "resample_block",
     "synthetic_scribbles",
@@ -282,6 +283,20 @@ def resample_block(eds: np.ndarray, *, eds_origin: tuple[int, int],
         out[c] = ndi.map_coordinates(np.asarray(eds[c], np.float32), [u, v], order=1,
                                      mode="nearest")
     return out
+
+
+def predict_block(feats: np.ndarray, clf: Any, n_classes: int) -> np.ndarray:
+    """Class probabilities (K, h, w) float32 of a feature block (F, h, w); a classifier
+    without predict_proba gives one-hot rows. Columns follow ``clf.classes_``."""
+    X = feats.reshape(feats.shape[0], -1).T
+    out = np.zeros((n_classes, X.shape[0]), np.float32)
+    cols = np.asarray(getattr(clf, "classes_", np.arange(n_classes)), np.int64)
+    if hasattr(clf, "predict_proba"):
+        out[cols] = np.asarray(clf.predict_proba(X), np.float32).T
+    else:
+        out[np.asarray(clf.predict(X), np.int64), np.arange(X.shape[0])] = 1
+    return out.reshape(n_classes, *feats.shape[1:])
+
 
 
 # ----------------------------------------------------------------------------- annotations

@@ -50,6 +50,7 @@ from .features import (
     estimate_shift,
     features_block,
     parse_annotations,
+    predict_block,
     rasterise,
     resample_block,
     synthetic_scribbles,
@@ -58,8 +59,10 @@ from .features import (
 __all__ = [
     "EDS_FEATURES",
     "EdsMaps",
+    "FeatureStack",
     "LabelResult",
     "ShiftField",
+    "build_features",
     "feature_stack",
     "fit_classifier",
     "label",
@@ -393,17 +396,6 @@ def fit_classifier(X: np.ndarray, y: np.ndarray, *, classifier: Any = None,
     return classifier
 
 
-def _predict_block(feats: np.ndarray, clf: Any, n_classes: int) -> np.ndarray:
-    X = feats.reshape(feats.shape[0], -1).T
-    out = np.zeros((n_classes, X.shape[0]), np.float32)
-    cols = np.asarray(getattr(clf, "classes_", np.arange(n_classes)), np.int64)
-    if hasattr(clf, "predict_proba"):
-        out[cols] = np.asarray(clf.predict_proba(X), np.float32).T
-    else:
-        out[np.asarray(clf.predict(X), np.int64), np.arange(X.shape[0])] = 1
-    return out.reshape(n_classes, *feats.shape[1:])
-
-
 def predict_probs(features: da.Array, classifier: Any, n_classes: int, *,
                   client: Any = None) -> da.Array:
     """Class probabilities (K, y, x) float32 of every chunk of ``features``.
@@ -416,7 +408,7 @@ def predict_probs(features: da.Array, classifier: Any, n_classes: int, *,
         classifier.set_params(n_jobs=1)
     ref = (client.scatter(classifier, broadcast=True) if client is not None else
            dask.delayed(classifier, name=f"classifier-{uuid.uuid4().hex}", traverse=False))
-    return da.map_blocks(_predict_block, features, ref, n_classes,
+    return da.map_blocks(predict_block, features, ref, n_classes,
                          chunks=((n_classes,), *features.chunks[1:]), dtype=np.float32,
                          meta=_F32, token="semdask-rf-predict")
 
@@ -444,6 +436,48 @@ class LabelResult:
         return self.seconds["total"] * 1e9 / (self.shape[0] * self.shape[1])
 
 
+@dataclass(frozen=True)
+class FeatureStack:
+    """Lazy features ``data`` (F, y, x) of a mosaic, the SEM ``chunks`` they use, the EDS
+    maps and the estimated shift field (None without EDS / registration)."""
+
+    data: da.Array
+    names: list[str]
+    chunks: tuple[tuple[int, ...], tuple[int, ...]]
+    eds: EdsMaps | None
+    shift: ShiftField | None
+
+
+def build_features(mosaic: Any, *, eds: Any = "store", eds_channels: Sequence[str] | None = None,
+                   sem_features: FeatureSpec | None = None,
+                   eds_features: FeatureSpec = EDS_FEATURES, register: bool = True,
+                   tile: int = 2048, upsample_factor: int = 20, chunk: int = 512
+                   ) -> FeatureStack:
+    """Load and register EDS (``eds=None``: SEM only), then stack SEM + EDS features.
+
+    Registration runs now (one task per tile); the features stay lazy. Chunks are
+    ``chunk`` px (rounded up to the EDS factor), none smaller than the halos.
+    """
+    m = mosaic if isinstance(mosaic, io.Mosaic) else io.open_mosaic(mosaic)
+    shape = (int(m.image.shape[0]), int(m.image.shape[1]))
+    sem_features = sem_features or FeatureSpec()
+    maps = None if eds is None else load_eds(eds, shape, mosaic=m.path, channels=eds_channels)
+    f = maps.factor if maps else 1
+    shift = register_eds(m.image, maps, tile=tile, upsample_factor=upsample_factor) if (
+        maps and register) else None
+    edge = -(-chunk // f) * f
+    minimum = max(sem_features.depth, eds_features.depth,
+                  f * (math.ceil((shift.max_abs if shift else 0) / f) + 3))
+    chunks = (_grid(shape[0], edge, minimum), _grid(shape[1], edge, minimum))
+    feats = feature_stack(m.image.rechunk(chunks), sem_features)
+    names = sem_features.names(["sem"])
+    if maps:
+        ef = feature_stack(upsample_eds(maps, shift, chunks), eds_features)
+        feats = da.concatenate([feats, ef], axis=0).rechunk({0: -1})
+        names += eds_features.names(maps.channels)
+    return FeatureStack(feats, names, chunks, maps, shift)
+
+
 def label(mosaic: Any, annotations: Any, *, eds: Any = "store",
           eds_channels: Sequence[str] | None = None, classes: Sequence[str] | None = None,
           colours: Sequence[tuple[int, int, int, int]] | None = None, name: str = "eds-rf",
@@ -457,7 +491,9 @@ def label(mosaic: Any, annotations: Any, *, eds: Any = "store",
 
     ``eds``: ``"store"``, ``None`` (SEM features only), ``{element: file or array}`` or a
     (c, h, w) array. ``classes``/``colours`` default to the synthetic PHASES/COLOURS.
-    Writes ``labels/<name>`` and ``<name>-confidence`` into ``output`` (default: the mosaic).
+    Writes ``labels/<name>`` and ``<name>-confidence`` into ``output`` (default: the mosaic);
+    the other arguments go to :func:`build_features`, :func:`read_annotations`,
+    :func:`training_pixels` and :func:`fit_classifier`.
     """
     from .synthetic import COLOURS, PHASES
 
@@ -466,43 +502,30 @@ def label(mosaic: Any, annotations: Any, *, eds: Any = "store",
     shape = (int(m.image.shape[0]), int(m.image.shape[1]))
     classes = list(classes or PHASES)
     colours = colours or (COLOURS if classes == list(PHASES) else None)
-    sem_features = sem_features or FeatureSpec()
-    maps = None if eds is None else load_eds(eds, shape, mosaic=m.path, channels=eds_channels)
-    f = maps.factor if maps else 1
-    sec: dict[str, float] = {}
-    shift = register_eds(m.image, maps, tile=tile, upsample_factor=upsample_factor) if (
-        maps and register) else None
-    sec["register"] = time.perf_counter() - t0
-    edge = -(-chunk // f) * f
-    minimum = max(sem_features.depth, eds_features.depth, f * (math.ceil(
-        (shift.max_abs if shift else 0) / f) + 3))
-    chunks = (_grid(shape[0], edge, minimum), _grid(shape[1], edge, minimum))
-    feats = feature_stack(m.image.rechunk(chunks), sem_features)
-    if maps:
-        ef = feature_stack(upsample_eds(maps, shift, chunks), eds_features)
-        feats = da.concatenate([feats, ef], axis=0).rechunk({0: -1})
-    ann = read_annotations(annotations, shape, chunks, classes=classes, mosaic=m.path,
+    fs = build_features(m, eds=eds, eds_channels=eds_channels, sem_features=sem_features,
+                        eds_features=eds_features, register=register, tile=tile,
+                        upsample_factor=upsample_factor, chunk=chunk)
+    sec = {"register": time.perf_counter() - t0}
+    ann = read_annotations(annotations, shape, fs.chunks, classes=classes, mosaic=m.path,
                            unlabelled=unlabelled, radius=radius)
-    X, y = training_pixels(feats, ann, len(classes), max_per_class=max_per_class, seed=seed)
+    X, y = training_pixels(fs.data, ann, len(classes), max_per_class=max_per_class, seed=seed)
     clf = fit_classifier(X, y, classifier=classifier, n_estimators=n_estimators,
                          max_depth=max_depth, n_jobs=n_jobs, seed=seed)
     sec["fit"] = time.perf_counter() - t0 - sec["register"]
-    probs = predict_probs(feats, clf, len(classes), client=client)
-    lab = probs.argmax(axis=0).astype(np.uint8)
-    conf = probs.max(axis=0).astype(np.float16)
+    probs = predict_probs(fs.data, clf, len(classes), client=client)
     out = Path(output) if output is not None else m.path
+    n_train = np.bincount(y, minlength=len(classes)).tolist()
     prov = {"method": "eds-guided random forest", "classifier": repr(clf),
             "annotations": str(annotations) if isinstance(annotations, str | Path) else
-            type(annotations).__name__, "eds_channels": list(maps.channels) if maps else [],
-            "sem_features": sem_features.names(["sem"]), "n_train": np.bincount(
-                y, minlength=len(classes)).tolist(),
-            "eds_shift": shift.to_dict() if shift else None}
+            type(annotations).__name__, "features": fs.names, "n_train": n_train,
+            "eds_shift": fs.shift.to_dict() if fs.shift else None}
     lab_t = io.begin_labels(out, name, shape=shape, classes=classes, colours=colours,
                             attrs={"provenance": prov}, overwrite=overwrite)
     conf_t = io.begin_extra_image(out, f"{name}-confidence", shape=shape, dtype=np.float16,
                                   attrs={"provenance": {"of": f"labels/{name}", "meaning":
                                          "max class probability; use as a training weight"}},
                                   overwrite=overwrite)
+    lab, conf = probs.argmax(axis=0).astype(np.uint8), probs.max(axis=0).astype(np.float16)
     job = io.store_blocks([io.align_to(lab, lab_t), io.align_to(conf, conf_t)],
                           [lab_t, conf_t], compute=False)
     client.compute(job).result() if client is not None else job.compute()  # type: ignore
@@ -511,6 +534,5 @@ def label(mosaic: Any, annotations: Any, *, eds: Any = "store",
     sec["total"] = time.perf_counter() - t0
     sec["predict"] = sec["total"] - sec["fit"] - sec["register"]
     log.info("label: wrote %s/labels/%s in %.1f s", out, name, sec["total"])
-    return LabelResult(out, name, f"{name}-confidence", classes, shape, int(feats.shape[0]),
-                       np.bincount(y, minlength=len(classes)).tolist(), shift,
-                       maps.true_shift_px if maps else None, sec, clf)
+    return LabelResult(out, name, f"{name}-confidence", classes, shape, len(fs.names), n_train,
+                       fs.shift, fs.eds.true_shift_px if fs.eds else None, sec, clf)

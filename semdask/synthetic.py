@@ -63,7 +63,7 @@ _EDS_TABLE = np.array(
     [[0.02, 1.00, 0.75, 0.02], [0.08, 0.02, 0.85, 0.60], [0.02, 0.01, 0.01, 0.95]], np.float32
 )
 _NOISE_BLOCK = 256
-_W = 0.4  # width of the per-particle oxidation ramp in nio_fraction
+_W = 0.15  # width of the per-particle oxidation ramp in nio_fraction
 _M1, _M2, _K1, _K2 = (np.uint64(c) for c in (
     0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x9E3779B97F4A7C15, 0xD6E8FEB86659FD93))
 
@@ -89,7 +89,7 @@ class SynthParams:
     ysz_grain: int = 8  #: YSZ grain size (Worley cell edge, px)
     pore_scale: float = 56.0  #: length scale of the pore / YSZ-network field (px)
     #: mean clean grey of pore, Ni, NiO, YSZ in [0, 1] (Ni and YSZ overlap; texture differs)
-    grey: tuple[float, float, float, float] = (0.10, 0.58, 0.42, 0.55)
+    grey: tuple[float, float, float, float] = (0.10, 0.58, 0.36, 0.55)
     noise: float = 0.015  #: sigma of the additive Gaussian noise of eq. 2 (grey units)
     photons: float = 1000.0  #: C of eq. 2 (counts at full scale); 0 disables Poisson noise
     blur: float = 1.0  #: Gaussian PSF sigma (px); 0 disables
@@ -319,9 +319,11 @@ def _microstructure(y0: int, x0: int, h: int, w: int, seed: int, p: SynthParams,
     off_f -= np.clip(sdf, -10, 0) * np.float32(0.0015)  # slightly brighter cores
     np.add(img, off_f, out=img, where=ni)
     if f > 0:
-        tex = _value_noise(seed, 4, y0, x0, h, w, 3.0)
+        # NiO: darker than Ni, mottled by its nano-porosity (dark speckles)
+        tex = _value_noise(seed, 4, y0, x0, h, w, 2.5)
         tex -= 0.5
-        tex *= 0.35
+        tex *= 0.22
+        tex -= 0.10 * (_value_noise(seed, 10, y0, x0, h, w, 1.5) > 0.78)
         np.add(img, tex, out=img, where=truth == 2)
     edge = np.minimum(pf - lo, hi - pf)  # > 0 in the YSZ band, ~ distance to the pores
     edge = np.clip(1 - edge * (1 / 0.03), 0, 1)  # SEM edge effect: brighter at pore edges

@@ -107,18 +107,17 @@ def test_killed_worker_run_completes_identically(mosaic: Path, model_file: Path,
         _wait_for(lambda: _records(mosaic) >= 2)
         killed["at"] = _records(mosaic)
         addr = sorted(client.scheduler_info()["workers"])[0]  # type: ignore[attr-defined]
-        try:
-            client.run(os._exit, 1, workers=[addr], wait=False)  # type: ignore[attr-defined]
-        except Exception:  # the worker dies before it answers
-            pass
-        killed["addr"] = hash(addr)
+        pid = client.run(os.getpid, workers=[addr])[addr]  # type: ignore[attr-defined]
+        os.kill(pid, signal.SIGKILL)  # the nanny notices and starts a fresh worker
+        killed["pid"] = pid
 
     t = threading.Thread(target=kill_one_worker, daemon=True)
     t.start()
     with dask.config.set({"semdask.testing.block-delay": 0.25}):
         r = segment(mosaic, model=model_file, chunk=64, client=client, progress=False)
     t.join(timeout=30)
-    assert "addr" in killed and killed["at"] < BLOCKS, killed  # the kill landed mid-run
+    assert "pid" in killed and killed["at"] < BLOCKS, killed  # the kill landed mid-run
+    assert killed["pid"] not in client.run(os.getpid).values()  # type: ignore[attr-defined]
     assert r.blocks_computed == BLOCKS
     _same(mosaic, reference)
 
