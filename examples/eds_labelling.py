@@ -77,8 +77,8 @@ def main() -> None:
     print(f"label(): {n_full} scribbles/class, accuracy {s['accuracy']:.4f}, mIoU "
           f"{s['miou']:.4f}; {r.seconds['total']:.1f} s (register {r.seconds['register']:.1f}, "
           f"fit {r.seconds['fit']:.1f}, predict+write {r.seconds['predict']:.1f}) for "
-          f"{H * W / 1e6:.2f} MPix = {r.s_per_gpix / 3600:.2f} h per gigapixel "
-          f"({a.workers} threads)")
+          f"{H * W / 1e6:.2f} MPix; register + predict + write extrapolated: "
+          f"{r.s_per_gpix / 3600:.2f} h per gigapixel ({a.workers} threads) + the fit")
 
     # 2. the sweep: features once per EDS setting, one forest per scribble count
     rows = []

@@ -263,8 +263,8 @@ def segment(mosaic: str, model: str | None, output: str | None, mode: str | None
     With a Dask cluster, a performance report is saved beside the output store as
     <OUT or MOSAIC>.performance.html.
     """
+    from .batch import drain_on_sigterm
     from .cluster import performance_report_path, profile_has_gpu_workers, report
-    from .segment import drain_on_sigterm
     from .segment import segment as run
 
     gpu = gpu_resources or (not no_cluster and profile_has_gpu_workers(
@@ -379,10 +379,7 @@ def cluster_info(profile: str | None) -> None:
 @click.option("--labels", "name", default="phases", help="Label group to audit.")
 @_handle_errors
 def verify_cmd(output: str, name: str) -> None:
-    """Audit a segmentation output: every block present, recorded, checksums matching.
-
-    Exits 0 when complete and intact, 3 on holes or corruption (with the fix).
-    """
+    """Audit OUTPUT: every block present, recorded, checksums matching (exit 3 if not)."""
     from .ledger import verify
 
     a = verify(output, labels=name)
@@ -393,112 +390,68 @@ def verify_cmd(output: str, name: str) -> None:
         sys.exit(3)
 
 
-def _segment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    opts = [
-        click.option("--model", "-m", default=None, type=click.Path(dir_okay=False),
-                     help="Model .safetensors [default: the bundled SOC model]."),
-        click.option("--mode", type=click.Choice(["window", "whole-chunk"]), default=None),
-        click.option("--chunks", "chunk", default=None, type=int, help="Chunk edge in px."),
-        click.option("--window", default=None, type=int, help="Window edge (multiple of 16)."),
-        click.option("--overlap", default=None, type=float, help="Window overlap [0, 1)."),
-        click.option("--blend", type=click.Choice(["gaussian", "cosine", "uniform"]),
-                     default=None),
-        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None),
-        click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, ..."),
-        click.option("--probs", is_flag=True, help="Also write class probabilities."),
-        click.option("--confidence", is_flag=True, help="Also write the maximum probability."),
-        click.option("--name", default="phases", help="Label group name."),
-    ]
-    for o in reversed(opts):
-        fn = o(fn)
-    return fn
+def _scheduled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of batch/watch (geometry comes from semdask.segment.* config), a SIGTERM drain."""
+    @wraps(fn)
+    def run(target: str, **kw: Any) -> None:
+        from .batch import drain_on_sigterm, summary
 
+        cl = {k: kw.pop(k) for k in ("profile", "scheduler_address", "scheduler_file",
+                                     "n_workers", "dashboard_address", "no_cluster") if k in kw}
+        with drain_on_sigterm(), _client(**cl) as client:
+            _announce(client)
+            out = fn(target, client=client, echo=click.echo, progress=False, **kw)
+        click.echo(summary(out))
+        if any(o.status == "failed" for o in out):
+            sys.exit(1)
 
-_CLUSTER_KEYS = ("profile", "scheduler_address", "scheduler_file", "n_workers",
-                 "dashboard_address", "no_cluster")
-
-
-def _run_scheduled(kind: str, target: str, kw: dict[str, Any]) -> None:
-    from .batch import read_manifest, run_batch, watch
-    from .segment import drain_on_sigterm
-
-    cluster = {k: kw.pop(k) for k in _CLUSTER_KEYS if k in kw}
-    with drain_on_sigterm(), _client(**cluster) as client:
-        _announce(client)
-        if kind == "batch":
-            out = run_batch(read_manifest(target), client=client, echo=click.echo,
-                            progress=False, **kw)
-        else:
-            out = watch(target, client=client, echo=click.echo, progress=False, **kw)
-    failed = [o for o in out if o.status == "failed"]
-    click.echo(f"{len(out)} mosaics: " + ", ".join(
-        f"{n} {s}" for s in ("done", "resumed", "skipped, up to date", "failed")
-        if (n := sum(o.status == s for o in out))) if out else "nothing to do")
-    if failed:
-        sys.exit(1)
+    for o in (click.option("--name", default="phases", help="Label group name."),
+              click.option("--confidence", is_flag=True), click.option("--probs", is_flag=True),
+              click.option("--chunks", "chunk", default=None, type=int, help="Chunk edge in px."),
+              click.option("--model", "-m", default=None, type=click.Path(dir_okay=False))):
+        run = o(run)
+    return _handle_errors(_cluster_options(run))
 
 
 @main.command("batch")
-@click.argument("manifest", type=click.Path(exists=False, dir_okay=False))
-@_segment_options
-@_cluster_options
-@_handle_errors
-def batch_cmd(manifest: str, **kw: Any) -> None:
-    """Segment every mosaic of MANIFEST (text, CSV or YAML), skipping finished ones.
+@click.argument("target", metavar="MANIFEST", type=click.Path(dir_okay=False))
+@_scheduled
+def batch_cmd(target: str, **kw: Any) -> Any:
+    """Segment MANIFEST's mosaics (text/CSV/YAML: mosaic [output [model]]), skip finished ones."""
+    from .batch import read_manifest, run_batch
 
-    Lines: MOSAIC [OUTPUT [MODEL]]; CSV/YAML: mosaic, output, model. Partial outputs
-    are resumed, stale ones (new model or geometry) recomputed; a second run of the
-    same manifest reports "skipped, up to date". Exits 1 when a mosaic failed, 75
-    after SIGTERM (run it again to resume).
-    """
-    _run_scheduled("batch", manifest, kw)
+    return run_batch(read_manifest(target), **kw)
 
 
 @main.command("watch")
-@click.argument("directory", type=click.Path(exists=False, file_okay=False))
+@click.argument("target", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--interval", type=float, default=60.0, help="Seconds between polls.")
 @click.option("--once", is_flag=True, help="One pass, then exit (cron, tests).")
 @click.option("--output-dir", default=None, type=click.Path(file_okay=False),
               help="Write OUTPUT-DIR/<mosaic name> instead of into each mosaic.")
-@_segment_options
-@_cluster_options
-@_handle_errors
-def watch_cmd(directory: str, **kw: Any) -> None:
-    """Poll DIRECTORY for complete *.ome.zarr mosaics and segment new ones (idempotent).
+@_scheduled
+def watch_cmd(target: str, **kw: Any) -> Any:
+    """Poll DIR for *.ome.zarr mosaics marked complete and segment new ones (idempotent)."""
+    from .batch import watch
 
-    A mosaic is picked up once its writer marked it complete (semdask convert/synth do).
-    SIGTERM stops after the running blocks (exit 75 when a mosaic was interrupted).
-    """
-    _run_scheduled("watch", directory, kw)
+    return watch(target, **kw)
 
 
 # --- end segment --------------------------------------------------------------
 
 
 # --- label (label.py) ---------------------------------------------------------
-def _eds_source(values: tuple[str, ...]) -> Any:
-    if not values or values == ("store",):
-        return "store"
-    if values == ("none",):
-        return None
-    pairs = [v.partition("=") for v in values]
-    if any(not k or not sep or not f for k, sep, f in pairs):
-        raise click.BadParameter("expected 'store', 'none' or ELEMENT=FILE (repeat per "
-                                 f"element), got {' '.join(values)!r}", param_hint="--eds")
-    return {k: Path(f) for k, _, f in pairs}
-
-
 @main.command("label")
 @click.argument("mosaic", type=click.Path(exists=False))
 @click.option("--annotations", "-a", required=True, metavar="SOURCE",
               help="Scribbles: labels/NAME in the store, a TIFF/PNG label image, or a CSV "
               "(y,x,class[,radius]) / GeoJSON (Point, LineString, Polygon; [x, y]) file.")
 @click.option("--eds", multiple=True, metavar="SOURCE",
-              help="EDS maps: 'store' (the mosaic's eds group) [default], 'none' (SEM "
-              "features only), or ELEMENT=FILE, repeated per element (e.g. --eds Ni=ni.tif).")
+              help="EDS maps: store (the mosaic's eds group) [default], none (SEM only), or "
+              "ELEMENT=FILE repeated per element (--eds Ni=ni.tif --eds O=o.tif).")
 @click.option("--unlabelled", type=click.Choice(["0", "255"]), default="0",
-              help="Label images: 0 = unlabelled and class k stored as k + 1, or 255 = "
-              "unlabelled and class ids as they are.")
+              help="Label images: 0 = unlabelled, class k stored as k + 1; or 255 = "
+              "unlabelled, class ids as they are.")
 @click.option("--classes", default=None, metavar="A,B,...",
               help="Class names [default: pore,Ni,NiO,YSZ with their colours].")
 @click.option("--output", "-o", default=None, type=click.Path(),
@@ -517,33 +470,18 @@ def _eds_source(values: tuple[str, ...]) -> Any:
 def label_cmd(mosaic: str, annotations: str, eds: tuple[str, ...], unlabelled: str,
               classes: str | None, output: str | None, name: str, no_register: bool,
               tile: int, chunk: int, radius: float, trees: int, max_depth: int | None,
-              seed: int, overwrite: bool, scheduler_address: str | None,
-              scheduler_file: str | None, n_workers: int | None,
-              dashboard_address: str | None, no_cluster: bool) -> None:
+              seed: int, overwrite: bool, no_cluster: bool, **cluster: Any) -> None:
     """EDS-guided random-forest labels of MOSAIC from sparse scribbles (-> labels/NAME)."""
-    from .label import label
+    from .label import eds_source, label
 
     names = [c.strip() for c in classes.split(",")] if classes else None
-    with _client(no_cluster, scheduler_address=scheduler_address,
-                 scheduler_file=scheduler_file, n_workers=n_workers,
-                 dashboard_address=dashboard_address) as client:
+    with _client(no_cluster, **cluster) as client:
         _announce(client)
-        r = label(mosaic, annotations, eds=_eds_source(eds), classes=names, name=name,
+        r = label(mosaic, annotations, eds=eds_source(eds), classes=names, name=name,
                   output=output, register=not no_register, tile=tile, chunk=chunk,
                   unlabelled=int(unlabelled), radius=radius, n_estimators=trees,
                   max_depth=max_depth, seed=seed, overwrite=overwrite, client=client)
-    if r.shift is not None:
-        dy, dx = r.shift.mean
-        true = ("" if r.true_shift_px is None else " (true: "
-                f"{r.true_shift_px[0] * r.shift.factor:+.2f}, "
-                f"{r.true_shift_px[1] * r.shift.factor:+.2f})")
-        click.echo(f"EDS shift (dy, dx): {dy:+.2f}, {dx:+.2f} SEM px{true}, "
-                   f"{int(r.shift.inliers.sum())}/{r.shift.inliers.size} tiles kept")
-    click.echo(f"training pixels per class: "
-               f"{', '.join(f'{c} {n}' for c, n in zip(r.classes, r.n_train, strict=True))}")
-    click.echo(f"wrote {r.output}/labels/{r.labels} and {r.confidence} ({r.shape[0]} x "
-               f"{r.shape[1]} px, {r.n_features} features) in {r.seconds['total']:.1f} s "
-               f"= {r.s_per_gpix / 3600:.2f} h per gigapixel")
+    click.echo(r.summary())
 # --- end label -----------------------------------------------------------------
 
 # --- analyze (analysis.py) -----------------------------------------------------

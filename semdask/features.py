@@ -8,9 +8,12 @@
 * :func:`estimate_shift` -- sub-pixel misregistration of EDS maps against an SEM tile
   (phase cross-correlation with a least-squares "SEM predicted from EDS" proxy);
   :func:`aggregate_shifts` turns tile estimates into a robust, smooth shift field and
-  :func:`resample_block` upsamples EDS onto SEM pixels through that field (bilinear).
-* :func:`rasterise` -- points / strokes / polygons to a label block;
-  :func:`synthetic_scribbles` -- sparse scribbles drawn inside the classes of a truth map.
+  (a :class:`ShiftField`) and :func:`resample_block` upsamples EDS onto SEM pixels through
+  that field (bilinear).
+* :func:`predict_block` -- class probabilities of a feature block from any classifier.
+* :func:`parse_annotations` (CSV / GeoJSON) and :func:`rasterise` -- points, strokes and
+  polygons to a label block; :func:`synthetic_scribbles` -- sparse scribbles drawn inside
+  the classes of a truth map.
 
 Label convention of annotations: 0 = unlabelled, ``k + 1`` = class id ``k``.
 
@@ -42,7 +45,9 @@ __all__ = [
     "KINDS",
     "Annotation",
     "FeatureSpec",
+    "ShiftField",
     "aggregate_shifts",
+    "chunk_grid",
     "estimate_shift",
     "features_block",
     "interpolate_field",
@@ -262,6 +267,57 @@ def interpolate_field(field: np.ndarray, centres: tuple[np.ndarray, np.ndarray],
     gy, gx = np.meshgrid(fy, fx, indexing="ij")
     dy, dx = (ndi.map_coordinates(f, [gy, gx], order=1, mode="nearest") for f in field)
     return dy, dx
+
+
+@dataclass(frozen=True)
+class ShiftField:
+    """EDS misregistration per tile: displacement (dy, dx) of EDS features relative to the
+    SEM image, in SEM px, at tile ``centres``; ``field`` is the robust smoothed version."""
+
+    factor: int
+    tile: int
+    centres: tuple[np.ndarray, np.ndarray]
+    field: np.ndarray  # (2, ny, nx)
+    raw: np.ndarray  # (ny, nx, 2)
+    quality: np.ndarray  # (ny, nx)
+    inliers: np.ndarray  # (ny, nx) bool
+
+    @property
+    def mean(self) -> tuple[float, float]:
+        """Mean (dy, dx) of the field, SEM px."""
+        return float(self.field[0].mean()), float(self.field[1].mean())
+
+    @property
+    def max_abs(self) -> float:
+        return float(np.abs(self.field).max()) if self.field.size else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean_sem_px": list(self.mean), "mean_eds_px": [v / self.factor for v in
+                                                                self.mean],
+                "tile": self.tile, "tiles": list(self.raw.shape[:2]),
+                "inliers": int(self.inliers.sum()), "field_sem_px": self.field.tolist(),
+                "quality": self.quality.round(3).tolist()}
+
+    @classmethod
+    def zero(cls, shape: tuple[int, int], factor: int) -> ShiftField:
+        c = (np.array([shape[0] / 2]), np.array([shape[1] / 2]))
+        return cls(factor, max(shape), c, np.zeros((2, 1, 1)), np.zeros((1, 1, 2)),
+                   np.zeros((1, 1)), np.zeros((1, 1), bool))
+
+
+def chunk_grid(length: int, edge: int, minimum: int) -> tuple[int, ...]:
+    """Chunks of ``edge``; a last sliver smaller than ``minimum`` joins its neighbour.
+
+    >>> chunk_grid(1100, 512, 40), chunk_grid(1100, 512, 100)
+    ((512, 512, 76), (512, 588))
+    """
+    n, rem = divmod(length, edge)
+    sizes = [edge] * n
+    if rem and sizes and rem < minimum:
+        sizes[-1] += rem
+    elif rem:
+        sizes.append(rem)
+    return tuple(sizes)
 
 
 def resample_block(eds: np.ndarray, *, eds_origin: tuple[int, int],

@@ -22,8 +22,11 @@ boundaries blurred by the EDS interaction volume.
 
 Examples
 --------
->>> _grid(1100, 512, 40), _grid(1000, 512, 40)
-((512, 588), (512, 488))
+>>> x = da.zeros((96, 80), chunks=48)
+>>> feature_stack(x, FeatureSpec(sigmas=(1.0, 3.5))).chunks
+((17,), (48, 48), (48, 32))
+>>> chunk_grid(1100, 512, 100)
+(512, 588)
 """
 
 from __future__ import annotations
@@ -42,11 +45,13 @@ import dask.array as da
 import numpy as np
 
 from . import io
-from .errors import InputError
+from .errors import InputError, SemdaskError
 from .features import (
     Annotation,
     FeatureSpec,
+    ShiftField,
     aggregate_shifts,
+    chunk_grid,
     estimate_shift,
     features_block,
     parse_annotations,
@@ -63,6 +68,7 @@ __all__ = [
     "LabelResult",
     "ShiftField",
     "build_features",
+    "eds_source",
     "feature_stack",
     "fit_classifier",
     "label",
@@ -93,53 +99,6 @@ class EdsMaps:
     true_shift_px: tuple[float, float] | None = None
 
 
-@dataclass(frozen=True)
-class ShiftField:
-    """EDS misregistration per tile: displacement (dy, dx) of EDS features relative to the
-    SEM image, in SEM px, at tile ``centres``; ``field`` is the robust smoothed version."""
-
-    factor: int
-    tile: int
-    centres: tuple[np.ndarray, np.ndarray]
-    field: np.ndarray  # (2, ny, nx)
-    raw: np.ndarray  # (ny, nx, 2)
-    quality: np.ndarray  # (ny, nx)
-    inliers: np.ndarray  # (ny, nx) bool
-
-    @property
-    def mean(self) -> tuple[float, float]:
-        """Mean (dy, dx) of the field, SEM px."""
-        return float(self.field[0].mean()), float(self.field[1].mean())
-
-    @property
-    def max_abs(self) -> float:
-        return float(np.abs(self.field).max()) if self.field.size else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"mean_sem_px": list(self.mean), "mean_eds_px": [v / self.factor for v in
-                                                                self.mean],
-                "tile": self.tile, "tiles": list(self.raw.shape[:2]),
-                "inliers": int(self.inliers.sum()), "field_sem_px": self.field.tolist(),
-                "quality": self.quality.round(3).tolist()}
-
-    @classmethod
-    def zero(cls, shape: tuple[int, int], factor: int) -> ShiftField:
-        c = (np.array([shape[0] / 2]), np.array([shape[1] / 2]))
-        return cls(factor, max(shape), c, np.zeros((2, 1, 1)), np.zeros((1, 1, 2)),
-                   np.zeros((1, 1)), np.zeros((1, 1), bool))
-
-
-def _grid(length: int, edge: int, minimum: int) -> tuple[int, ...]:
-    """Chunks of ``edge``; a last sliver smaller than ``minimum`` joins its neighbour."""
-    n, rem = divmod(length, edge)
-    sizes = [edge] * n
-    if rem and sizes and rem < minimum:
-        sizes[-1] += rem
-    elif rem:
-        sizes.append(rem)
-    return tuple(sizes)
-
-
 # ----------------------------------------------------------------------------- EDS
 def load_eds(source: Any, shape: tuple[int, int], *, mosaic: Any = None,
              channels: Sequence[str] | None = None) -> EdsMaps:
@@ -155,7 +114,7 @@ def load_eds(source: Any, shape: tuple[int, int], *, mosaic: Any = None,
     if isinstance(source, str) and source == "store":
         try:
             arr = io.open_extra_image(mosaic, "eds")
-        except Exception as e:
+        except SemdaskError as e:
             raise InputError("EDS maps", expected=f"an 'eds' image group in {mosaic}",
                              got="none", fix="pass --eds Ni=ni.tif --eds O=o.tif ..., or "
                              "--eds none for SEM-only features") from e
@@ -212,7 +171,7 @@ def register_eds(sem: da.Array, eds: EdsMaps, *, tile: int = 2048, upsample_fact
     te = max(16, tile // f)
     x = da.pad(sem.astype(np.float32), pad, mode="edge").rechunk(te * f)
     binned = da.coarsen(np.mean, x, {0: f, 1: f})
-    ys, xs = _grid(he, te, te // 2), _grid(we, te, te // 2)
+    ys, xs = chunk_grid(he, te, te // 2), chunk_grid(we, te, te // 2)
     oy, ox = np.cumsum((0, *ys)), np.cumsum((0, *xs))
     tasks = [dask.delayed(estimate_shift)(binned[oy[i]:oy[i + 1], ox[j]:ox[j + 1]],
                                           eds.data[:, oy[i]:oy[i + 1], ox[j]:ox[j + 1]],
@@ -432,8 +391,46 @@ class LabelResult:
 
     @property
     def s_per_gpix(self) -> float:
-        """Wall time of the whole run, extrapolated linearly to 1e9 px."""
-        return self.seconds["total"] * 1e9 / (self.shape[0] * self.shape[1])
+        """Seconds per 1e9 px of the stages that scale with the area (registration and
+        features + prediction + writing), extrapolated linearly; the fit (features of the
+        annotated chunks + training, bounded by ``max_per_class``) is a one-off on top."""
+        return (self.seconds["register"] + self.seconds["predict"]) * 1e9 / (
+            self.shape[0] * self.shape[1])
+
+    def summary(self) -> str:
+        """Shift (and the true one when known), training pixels, outputs, timing."""
+        lines = []
+        if self.shift is not None:
+            (dy, dx), f = self.shift.mean, self.shift.factor
+            true = "" if self.true_shift_px is None else (
+                f" (true: {self.true_shift_px[0] * f:+.2f}, {self.true_shift_px[1] * f:+.2f})")
+            lines.append(f"EDS shift (dy, dx): {dy:+.2f}, {dx:+.2f} SEM px{true}, "
+                         f"{int(self.shift.inliers.sum())}/{self.shift.inliers.size} tiles kept")
+        pairs = zip(self.classes, self.n_train, strict=True)
+        lines.append(f"training pixels: {', '.join(f'{c} {n}' for c, n in pairs)}")
+        lines.append(f"wrote {self.output}/labels/{self.labels} and {self.confidence} "
+                     f"({self.shape[0]} x {self.shape[1]} px, {self.n_features} features) in "
+                     f"{self.seconds['total']:.1f} s (fit {self.seconds['fit']:.1f} s); "
+                     f"{self.s_per_gpix / 3600:.2f} h per gigapixel + the fit")
+        return "\n".join(lines)
+
+
+def eds_source(values: Sequence[str]) -> Any:
+    """The ``eds`` argument of :func:`label` from CLI words: ``store`` (or nothing),
+    ``none``, or ``ELEMENT=FILE`` per element.
+
+    >>> eds_source(["Ni=ni.tif", "O=o.tif"])
+    {'Ni': PosixPath('ni.tif'), 'O': PosixPath('o.tif')}
+    """
+    if not values or list(values) == ["store"]:
+        return "store"
+    if list(values) == ["none"]:
+        return None
+    pairs = [v.partition("=") for v in values]
+    if any(not k or not sep or not f for k, sep, f in pairs):
+        raise InputError("--eds", expected="store, none, or ELEMENT=FILE per element",
+                         got=" ".join(values), fix="e.g. --eds Ni=ni.tif --eds O=o.tif")
+    return {k: Path(f) for k, _, f in pairs}
 
 
 @dataclass(frozen=True)
@@ -468,7 +465,7 @@ def build_features(mosaic: Any, *, eds: Any = "store", eds_channels: Sequence[st
     edge = -(-chunk // f) * f
     minimum = max(sem_features.depth, eds_features.depth,
                   f * (math.ceil((shift.max_abs if shift else 0) / f) + 3))
-    chunks = (_grid(shape[0], edge, minimum), _grid(shape[1], edge, minimum))
+    chunks = (chunk_grid(shape[0], edge, minimum), chunk_grid(shape[1], edge, minimum))
     feats = feature_stack(m.image.rechunk(chunks), sem_features)
     names = sem_features.names(["sem"])
     if maps:

@@ -11,8 +11,9 @@ files on a shared filesystem need no locks: each block writes its own file.
 
 The run key is the SHA-256 of everything the labels depend on: input identity
 (shape, dtype, level-0 metadata, shard sizes, a checksum of the coarsest pyramid
-level; the path is recorded but not hashed, so a moved store keeps its key), model hash, plan, precision, normalisation statistics, outputs
-and the semdask version. A record with another key is stale.
+level; the path is recorded, not hashed, so a moved store keeps its key), model
+hash, plan, precision, normalisation statistics, outputs and the semdask version.
+A record with another key is stale.
 
 This module is part of the storage layer: it owns the ledger's sidecar files;
 every Zarr array it touches comes from :mod:`semdask.io`.

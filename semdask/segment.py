@@ -8,23 +8,19 @@ complete. A run that fails or is interrupted leaves ``complete: false`` behind,
 which every reader refuses; ``resume=True`` recomputes only the blocks that are
 missing or stale (another run key, checksum mismatch).
 
-Blocks are submitted a few at a time, so a SIGTERM (walltime, pre-emption)
-caught by :func:`drain_on_sigterm` drains the run: no new blocks start, the
-running ones finish writing and recording, and :class:`InterruptedRun` (exit
-status 75, EX_TEMPFAIL) says how to resume.
+Blocks are submitted a few at a time by :func:`semdask.batch.run_blocks`, so a
+SIGTERM caught by :func:`semdask.batch.drain_on_sigterm` drains the run: no new
+blocks start, the running ones finish writing and recording, and
+:class:`semdask.batch.InterruptedRun` (exit status 75) says how to resume.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
-import sys
-import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +30,7 @@ import numpy as np
 
 from . import __version__, config, ledger, ome
 from . import io as sio
+from .batch import run_blocks
 from .errors import SemdaskError, StoreError
 from .infer import (
     InferencePlan,
@@ -44,55 +41,9 @@ from .infer import (
 )
 from .normalise import NormStats, compute_stats
 
-__all__ = [
-    "EX_TEMPFAIL",
-    "InterruptedRun",
-    "SegmentResult",
-    "drain_on_sigterm",
-    "mosaic_stats",
-    "segment",
-    "stop_requested",
-]
+__all__ = ["SegmentResult", "mosaic_stats", "segment"]
 
 log = logging.getLogger(__name__)
-EX_TEMPFAIL = 75  # sysexits.h: temporary failure, try again (here: with --resume)
-_STOP = threading.Event()
-
-
-class InterruptedRun(SemdaskError):
-    """A run drained after SIGTERM: every finished block is recorded; resume it."""
-
-    exit_code = EX_TEMPFAIL
-
-
-def stop_requested() -> bool:
-    """True once SIGTERM arrived inside :func:`drain_on_sigterm`."""
-    return _STOP.is_set()
-
-
-@contextmanager
-def drain_on_sigterm() -> Iterator[threading.Event]:
-    """Turn SIGTERM into a drain request while the block is active (main thread only).
-
-    The first SIGTERM sets the returned event: running segmentations start no new
-    blocks, let the running ones finish and raise :class:`InterruptedRun`. A second
-    SIGTERM terminates at once (the default action).
-    """
-    _STOP.clear()
-    if threading.current_thread() is not threading.main_thread():
-        yield _STOP
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        log.warning("SIGTERM: draining (no new blocks; running blocks finish and record)")
-        _STOP.set()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield _STOP
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 @dataclass(frozen=True)
@@ -185,7 +136,7 @@ def segment(
 
     Raises
     ------
-    InterruptedRun
+    semdask.batch.InterruptedRun
         After SIGTERM inside :func:`drain_on_sigterm` (finished blocks are recorded).
 
     Returns
@@ -254,7 +205,7 @@ def segment(
     led = ledger.Ledger(out, group)
     head = led.header() if resume else None
     todo = sorted(blocks)
-    targets = _open_targets(out, written, plan.shape) if head and head["key"] == key else None
+    targets = _open_targets(out, written, plan.shape) if head and head.get("key") == key else None
     if targets is not None and head is not None:
         status = ledger.audit(out, group, head, led.records())
         todo = sorted(b for b, why in status.items() if why != "ok")
@@ -283,8 +234,8 @@ def segment(
              plan.halo, plan.chunk, len(todo), len(blocks))
     tasks = _block_tasks(sources, targets, written, blocks, todo, store=out, group=group,
                          key=key)
-    _run_blocks(tasks, client=client, progress=progress, mosaic=m.path, output=out,
-                inside=inside, name=name)
+    run_blocks(tasks, client=client, progress=progress, mosaic=m.path, output=out,
+               inside=inside, name=name)
     for g in written:
         sio.finish_group(out, g)
     secs = time.perf_counter() - t0
@@ -368,59 +319,3 @@ def _block_tasks(sources: Sequence[Any], targets: Sequence[Any], names: Sequence
                   list(targets), list(names), store=str(store), group=group, key=key,
                   delay=delay, dask_key_name=f"semdask-write-{run}-{idx[0]}-{idx[1]}")
             for idx in todo]
-
-
-def _run_blocks(tasks: Sequence[Any], *, client: Any, progress: bool, mosaic: Path,
-                output: Path, inside: bool, name: str) -> int:
-    """Run block tasks a few at a time; stop submitting after SIGTERM or a failure.
-
-    Raises the first block's error after the running blocks finished (fail loud), or
-    :class:`InterruptedRun` when a drain was requested before every block ran.
-    """
-    from tqdm import tqdm
-
-    done, error = 0, None
-    bar = tqdm(total=len(tasks), unit="block", disable=not progress or not tasks,
-               file=sys.stderr, mininterval=1.0)
-    if client is not None:
-        from distributed import as_completed
-
-        pending = iter(tasks)
-        running = as_completed()
-        limit = max(2, 2 * sum(client.nthreads().values()))
-
-        def submit() -> None:
-            t = next(pending, None)
-            if t is not None:
-                running.add(client.compute(t))
-
-        for _ in range(limit):
-            submit()
-        for fut in running:
-            try:
-                fut.result()
-                done += 1
-            except Exception as e:  # fail loud, after the running blocks are recorded
-                log.error("block task %s failed: %s", fut.key, e)
-                error = error or e
-            bar.update(1)
-            if error is None and not _STOP.is_set():
-                submit()
-    else:
-        step = 2 * (os.cpu_count() or 1)
-        for i in range(0, len(tasks), step):
-            if _STOP.is_set():
-                break
-            dask.compute(*tasks[i: i + step])
-            done += len(tasks[i: i + step])
-            bar.update(len(tasks[i: i + step]))
-    bar.close()
-    if error is not None:
-        raise error
-    if _STOP.is_set():
-        where = "" if inside else f" --output {output}"
-        extra = "" if name == "phases" else f" --name {name}"
-        raise InterruptedRun("interrupted; resumable with --resume",
-                             got=f"{done} of {len(tasks)} blocks written and recorded",
-                             fix=f"semdask segment {mosaic}{where}{extra} --resume")
-    return done

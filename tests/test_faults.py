@@ -169,20 +169,45 @@ def test_sigterm_drains_and_resume_completes(mosaic: Path, model_file: Path,
     try:
         _wait_for(lambda: _records(mosaic) >= 2 or proc.poll() is not None)
         proc.send_signal(signal.SIGTERM)
+        at_signal = _records(mosaic)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 75, err
-    assert "interrupted; resumable with --resume" in err
+    assert "interrupted; resumable with --resume" in err and "--resume" in err
     have = _records(mosaic)
-    assert have < BLOCKS
+    assert at_signal < have < BLOCKS  # the blocks in flight finished and recorded themselves
     a = verify(mosaic)
-    # drained: every block that was written is recorded; the rest are clean holes
+    # drained: every written block is recorded; the others are clean holes (no shards)
     assert set(a.problems.values()) == {"not recorded"}, a.table()
-    led = Ledger(mosaic, "labels/phases")
-    assert len(led.records()) == have
+    assert len(a.problems) == BLOCKS - have
+    shards = {tuple(int(i) for i in f.relative_to(mosaic / "labels/phases/0/c").parts)
+              for f in (mosaic / "labels/phases/0/c").rglob("*") if f.is_file()}
+    assert not shards & set(a.problems)
+    assert len(Ledger(mosaic, "labels/phases").records()) == have
     r = CliRunner().invoke(main, ["segment", str(mosaic), "--model", str(model_file),
                                   "--chunks", "64", "--no-cluster", "--resume"])
     assert r.exit_code == 0, r.output
+    _same(mosaic, reference)
+
+
+def test_sigterm_drains_the_threaded_scheduler_too(mosaic: Path, model_file: Path,
+                                                   reference: np.ndarray) -> None:
+    from semdask.batch import EX_TEMPFAIL, InterruptedRun, drain_on_sigterm
+
+    def term_after_first_block() -> None:
+        _wait_for(lambda: _records(mosaic) >= 1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=term_after_first_block, daemon=True).start()
+    with drain_on_sigterm(), dask.config.set({"semdask.testing.block-delay": 0.1}), \
+            pytest.raises(InterruptedRun, match="resumable with --resume") as e:
+        segment(mosaic, model=model_file, chunk=64, progress=False)
+    assert e.value.exit_code == EX_TEMPFAIL
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+    have = _records(mosaic)
+    assert 0 < have < BLOCKS
+    r = segment(mosaic, model=model_file, chunk=64, resume=True, progress=False)
+    assert r.blocks_computed == BLOCKS - have
     _same(mosaic, reference)

@@ -189,8 +189,8 @@ def test_batch_is_idempotent(tmp_path: Path, clean: Path, model_file: Path) -> N
     a, b = tmp_path / "a.ome.zarr", tmp_path / "b.ome.zarr"
     shutil.copytree(clean, a)
     sio.write_synthetic(b, synthetic_mosaic((300, 420), seed=6, chunk=256))
-    (tmp_path / "list.txt").write_text(f"a.ome.zarr\nb.ome.zarr out/b.ome.zarr\n"
-                                       f"missing.ome.zarr\n")
+    (tmp_path / "list.txt").write_text("a.ome.zarr\nb.ome.zarr out/b.ome.zarr\n"
+                                       "missing.ome.zarr\n")
     args = ["batch", str(tmp_path / "list.txt"), "--model", str(model_file), "--chunks", "64",
             "--probs", "--no-cluster"]
     r = CliRunner().invoke(main, args)
