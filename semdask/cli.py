@@ -8,34 +8,20 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import click
 
 from . import __version__
-from .errors import SemdaskError
+from .cli_common import announce as _announce
+from .cli_common import client_for as _client
+from .cli_common import cluster_options as _cluster_options
+from .cli_common import handle_errors as _handle_errors
 
 __all__ = ["main"]
 
 log = logging.getLogger("semdask")
-
-
-def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except SemdaskError as e:
-            click.echo(f"semdask: error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("semdask: interrupted; outputs of this run are marked incomplete", err=True)
-            sys.exit(130)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -182,47 +168,6 @@ def train_cmd(stores: tuple[Path, ...], out: Path, labels: str, epochs: int,
 # --- end train ----------------------------------------------------------------
 
 # --- segment / fractions / preview / demo (infer.py, metrics.py) -------------
-def _cluster_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    opts = [
-        click.option("--profile", default=None, metavar="NAME",
-                     help="Cluster profile: local, local-cuda, slurm, slurm-runner, kubernetes, "
-                     "address, scheduler-file [default: semdask.cluster.profile, i.e. local]; "
-                     "settings in semdask.cluster.profiles.NAME (see semdask cluster-info)."),
-        click.option("--scheduler-address", default=None, metavar="ADDR",
-                     help="Join a running Dask scheduler (tcp://host:8786) instead of a "
-                     "LocalCluster."),
-        click.option("--scheduler-file", default=None, type=click.Path(dir_okay=False),
-                     help="Join the scheduler described by this file."),
-        click.option("--workers", "n_workers", default=None, type=int,
-                     help="LocalCluster worker processes [default: one per core, max 4]."),
-        click.option("--dashboard-address", default=None, metavar="HOST:PORT",
-                     help="Dashboard bind address [default: 127.0.0.1:8787; it has no "
-                     "authentication, so keep it on 127.0.0.1 and tunnel]."),
-        click.option("--no-cluster", is_flag=True,
-                     help="Use the threaded scheduler in this process (no dashboard)."),
-    ]
-    for o in reversed(opts):
-        fn = o(fn)
-    return fn
-
-
-def _client(no_cluster: bool, **kw: Any) -> Any:
-    from contextlib import nullcontext
-
-    from .cluster import connect
-
-    if no_cluster and kw.get("profile"):
-        raise click.UsageError("--no-cluster and --profile exclude each other")
-    return nullcontext(None) if no_cluster else connect(**kw)
-
-
-def _announce(client: Any) -> None:
-    if client is not None:
-        from .cluster import dashboard_link
-
-        click.echo(f"Dask dashboard: {dashboard_link(client)}")
-
-
 @main.command()
 @click.argument("mosaic", type=click.Path(exists=False))
 @click.option("--model", "-m", default=None, type=click.Path(dir_okay=False),
@@ -354,204 +299,17 @@ def demo(workdir: str, shape: tuple[int, int], seed: int, nio_fraction: float,
     click.echo(r.summary())
 
 
-@main.command("cluster-info")
-@click.option("--profile", default=None, metavar="NAME",
-              help="Profile to show [default: semdask.cluster.profile].")
-@_handle_errors
-def cluster_info(profile: str | None) -> None:
-    """Print a cluster profile's settings as YAML; slurm: also its job script (not submitted)."""
-    import yaml
-
-    from .cluster import job_script, profile_config, profile_has_gpu_workers, resolve_profile
-
-    name = resolve_profile(profile)
-    info = {"profile": name, "gpu-workers": profile_has_gpu_workers(name),
-            "settings": profile_config(name)}
-    click.echo(yaml.safe_dump(info, sort_keys=False).rstrip())
-    if name == "slurm":
-        click.echo("# job script (rendered by dask-jobqueue, not submitted):")
-        click.echo(job_script(name).rstrip())
-
-
-# --- verify / batch / watch (ledger.py, batch.py) ------------------------------
-@main.command("verify")
-@click.argument("output", type=click.Path(exists=False))
-@click.option("--labels", "name", default="phases", help="Label group to audit.")
-@_handle_errors
-def verify_cmd(output: str, name: str) -> None:
-    """Audit OUTPUT: every block present, recorded, checksums matching (exit 3 if not)."""
-    from .ledger import verify
-
-    a = verify(output, labels=name)
-    click.echo(a.table())
-    if not a.ok:
-        click.echo(f"semdask: error: {a.output}/{a.group} is incomplete or corrupt. "
-                   f"Fix: {a.fix()}", err=True)
-        sys.exit(3)
-
-
-def _scheduled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Options of batch/watch (geometry comes from semdask.segment.* config), a SIGTERM drain."""
-    @wraps(fn)
-    def run(target: str, **kw: Any) -> None:
-        from .batch import drain_on_sigterm, summary
-
-        cl = {k: kw.pop(k) for k in ("profile", "scheduler_address", "scheduler_file",
-                                     "n_workers", "dashboard_address", "no_cluster") if k in kw}
-        with drain_on_sigterm(), _client(**cl) as client:
-            _announce(client)
-            out = fn(target, client=client, echo=click.echo, progress=False, **kw)
-        click.echo(summary(out))
-        if any(o.status == "failed" for o in out):
-            sys.exit(1)
-
-    for o in (click.option("--name", default="phases", help="Label group name."),
-              click.option("--confidence", is_flag=True), click.option("--probs", is_flag=True),
-              click.option("--chunks", "chunk", default=None, type=int, help="Chunk edge in px."),
-              click.option("--model", "-m", default=None, type=click.Path(dir_okay=False))):
-        run = o(run)
-    return _handle_errors(_cluster_options(run))
-
-
-@main.command("batch")
-@click.argument("target", metavar="MANIFEST", type=click.Path(dir_okay=False))
-@_scheduled
-def batch_cmd(target: str, **kw: Any) -> Any:
-    """Segment MANIFEST's mosaics (text/CSV/YAML: mosaic [output [model]]), skip finished ones."""
-    from .batch import read_manifest, run_batch
-
-    return run_batch(read_manifest(target), **kw)
-
-
-@main.command("watch")
-@click.argument("target", metavar="DIR", type=click.Path(file_okay=False))
-@click.option("--interval", type=float, default=60.0, help="Seconds between polls.")
-@click.option("--once", is_flag=True, help="One pass, then exit (cron, tests).")
-@click.option("--output-dir", default=None, type=click.Path(file_okay=False),
-              help="Write OUTPUT-DIR/<mosaic name> instead of into each mosaic.")
-@_scheduled
-def watch_cmd(target: str, **kw: Any) -> Any:
-    """Poll DIR for *.ome.zarr mosaics marked complete and segment new ones (idempotent)."""
-    from .batch import watch
-
-    return watch(target, **kw)
-
-
 # --- end segment --------------------------------------------------------------
 
 
-# --- label (label.py) ---------------------------------------------------------
-@main.command("label")
-@click.argument("mosaic", type=click.Path(exists=False))
-@click.option("--annotations", "-a", required=True, metavar="SOURCE",
-              help="Scribbles: labels/NAME in the store, a TIFF/PNG label image, or a CSV "
-              "(y,x,class[,radius]) / GeoJSON (Point, LineString, Polygon; [x, y]) file.")
-@click.option("--eds", multiple=True, metavar="SOURCE",
-              help="EDS maps: store (the mosaic's eds group) [default], none (SEM only), or "
-              "ELEMENT=FILE repeated per element (--eds Ni=ni.tif --eds O=o.tif).")
-@click.option("--unlabelled", type=click.Choice(["0", "255"]), default="0",
-              help="Label images: 0 = unlabelled, class k stored as k + 1; or 255 = "
-              "unlabelled, class ids as they are.")
-@click.option("--classes", default=None, metavar="A,B,...",
-              help="Class names [default: pore,Ni,NiO,YSZ with their colours].")
-@click.option("--output", "-o", default=None, type=click.Path(),
-              help="Write to this OME-Zarr instead of into MOSAIC.")
-@click.option("--name", default="eds-rf", help="Label group name (+ NAME-confidence).")
-@click.option("--no-register", is_flag=True, help="Trust the EDS alignment as it is.")
-@click.option("--tile", type=int, default=2048, help="Registration tile edge (SEM px).")
-@click.option("--chunks", "chunk", type=int, default=512, help="Feature/predict chunk edge.")
-@click.option("--radius", type=float, default=2.0, help="Radius of CSV/GeoJSON points (px).")
-@click.option("--trees", type=int, default=100, help="Random-forest trees.")
-@click.option("--max-depth", type=int, default=None, help="Random-forest depth limit.")
-@click.option("--seed", type=int, default=0)
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs of this name.")
-@_cluster_options
-@_handle_errors
-def label_cmd(mosaic: str, annotations: str, eds: tuple[str, ...], unlabelled: str,
-              classes: str | None, output: str | None, name: str, no_register: bool,
-              tile: int, chunk: int, radius: float, trees: int, max_depth: int | None,
-              seed: int, overwrite: bool, no_cluster: bool, **cluster: Any) -> None:
-    """EDS-guided random-forest labels of MOSAIC from sparse scribbles (-> labels/NAME)."""
-    from .label import eds_source, label
+def _register() -> None:
+    from . import cli_analysis, cli_ops
 
-    names = [c.strip() for c in classes.split(",")] if classes else None
-    with _client(no_cluster, **cluster) as client:
-        _announce(client)
-        r = label(mosaic, annotations, eds=eds_source(eds), classes=names, name=name,
-                  output=output, register=not no_register, tile=tile, chunk=chunk,
-                  unlabelled=int(unlabelled), radius=radius, n_estimators=trees,
-                  max_depth=max_depth, seed=seed, overwrite=overwrite, client=client)
-    click.echo(r.summary())
-# --- end label -----------------------------------------------------------------
-
-# --- analyze (analysis.py) -----------------------------------------------------
-@main.command("analyze")
-@click.argument("mosaics", nargs=-1, required=True, metavar="MOSAIC...",
-                type=click.Path(exists=False))
-@click.option("--series", is_flag=True,
-              help="Time series: MOSAIC... are PATH:TIME items (e.g. a.ome.zarr:5).")
-@click.option("--labels", "name", default="phases", help="Label group to analyse.")
-@click.option("--truth", default=None, help="Reference label group (e.g. truth): errors in pp.")
-@click.option("--roi", "rois", multiple=True, metavar="Y0:Y1,X0:X1",
-              help="Also analyse this region (pixels); repeat for several.")
-@click.option("--tile", type=int, default=2048, help="Tile edge (px) for spread and 95 % CI.")
-@click.option("--connectivity", type=click.Choice(["4", "8"]), default="4",
-              help="Pixel neighbourhood of connected components.")
-@click.option("--min-size-px", "min_size", type=int, default=9,
-              help="Smaller components are left out of the size statistics.")
-@click.option("--pixel-size", type=float, default=None,
-              help="Pixel size in um [default: from the store].")
-@click.option("--time-unit", default="min", help="Unit of the series times.")
-@click.option("--out", "out", type=click.Path(file_okay=False), default="analysis",
-              help="Output folder (CSV, JSON, PNG).")
-@_cluster_options
-@_handle_errors
-def analyze_cmd(mosaics: tuple[str, ...], series: bool, name: str, truth: str | None,
-                rois: tuple[str, ...], tile: int, connectivity: str, min_size: int,
-                pixel_size: float | None, time_unit: str, out: str, no_cluster: bool,
-                **cluster: Any) -> None:
-    """Fractions (95 % CI), connectivity, sizes, TPB and interfaces of MOSAIC's labels.
-
-    With --series: NiO (and other) fractions of several mosaics against time, e.g.
-    ``semdask analyze --series a.ome.zarr:0 b.ome.zarr:2 c.ome.zarr:5 --truth truth``.
-    """
-    from .analysis import analyze, analyze_series, write_analysis, write_series
-    from .errors import InputError
-
-    if not series and len(mosaics) != 1:
-        raise InputError("analyze", expected="one MOSAIC (or --series PATH:TIME ...)",
-                         got=f"{len(mosaics)} mosaics", fix="add --series for a time series")
-    with _client(no_cluster, **cluster) as client:  # the _cluster_options, as given
-        _announce(client)
-        if series:
-            s = analyze_series(mosaics, labels=name, truth=truth, time_unit=time_unit,
-                               tile=tile, pixel_size_um=pixel_size)
-            files = write_series(s, out)
-            click.echo(s.table("NiO"))
-        else:
-            res = analyze(mosaics[0], labels=name, rois=rois, tile=tile,
-                          connectivity=1 if connectivity == "4" else 2, min_area_px=min_size,
-                          pixel_size_um=pixel_size, truth=truth)
-            files = write_analysis(res, out)
-    if not series:
-        for a in res:
-            u = a.unit
-            if a.pixel_size_um is None:
-                click.echo("note: no pixel size in the store; lengths and areas are in px "
-                           "(pass --pixel-size UM)")
-            click.echo(f"[{a.region}] {a.shape[0]} x {a.shape[1]} px")
-            for r, c in zip(a.fractions, a.connectivity, strict=True):
-                ci = ("" if r["ci_low"] is None else
-                      f" (95% CI {100 * r['ci_low']:.2f}-{100 * r['ci_high']:.2f})")
-                click.echo(f"  {r['phase']:<6}{100 * r['fraction']:7.2f} %{ci}, "
-                           f"percolating {100 * (c['percolating'] or 0):.0f} %")
-            if a.tpb["points"] is not None:
-                click.echo(f"  TPB {a.tpb['points']} points, {a.tpb[f'P_A_per_{u}2']:.4g} "
-                           f"/{u}^2")
-    click.echo(f"wrote {len(files)} files to {out}")
+    for cmd in (*cli_ops.COMMANDS, *cli_analysis.COMMANDS):
+        main.add_command(cmd)
 
 
-# --- end analyze ---------------------------------------------------------------
+_register()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,128 @@
+"""Analysis commands: label (EDS-guided random forest) and analyze (quantification)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .cli_common import announce, client_for, cluster_options, handle_errors
+
+__all__ = ["COMMANDS"]
+
+
+# --- label (label.py) ---------------------------------------------------------
+@click.command("label")
+@click.argument("mosaic", type=click.Path(exists=False))
+@click.option("--annotations", "-a", required=True, metavar="SOURCE",
+              help="Scribbles: labels/NAME in the store, a TIFF/PNG label image, or a CSV "
+              "(y,x,class[,radius]) / GeoJSON (Point, LineString, Polygon; [x, y]) file.")
+@click.option("--eds", multiple=True, metavar="SOURCE",
+              help="EDS maps: store (the mosaic's eds group) [default], none (SEM only), or "
+              "ELEMENT=FILE repeated per element (--eds Ni=ni.tif --eds O=o.tif).")
+@click.option("--unlabelled", type=click.Choice(["0", "255"]), default="0",
+              help="Label images: 0 = unlabelled, class k stored as k + 1; or 255 = "
+              "unlabelled, class ids as they are.")
+@click.option("--classes", default=None, metavar="A,B,...",
+              help="Class names [default: pore,Ni,NiO,YSZ with their colours].")
+@click.option("--output", "-o", default=None, type=click.Path(),
+              help="Write to this OME-Zarr instead of into MOSAIC.")
+@click.option("--name", default="eds-rf", help="Label group name (+ NAME-confidence).")
+@click.option("--no-register", is_flag=True, help="Trust the EDS alignment as it is.")
+@click.option("--tile", type=int, default=2048, help="Registration tile edge (SEM px).")
+@click.option("--chunks", "chunk", type=int, default=512, help="Feature/predict chunk edge.")
+@click.option("--radius", type=float, default=2.0, help="Radius of CSV/GeoJSON points (px).")
+@click.option("--trees", type=int, default=100, help="Random-forest trees.")
+@click.option("--max-depth", type=int, default=None, help="Random-forest depth limit.")
+@click.option("--seed", type=int, default=0)
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs of this name.")
+@cluster_options
+@handle_errors
+def label_cmd(mosaic: str, annotations: str, eds: tuple[str, ...], unlabelled: str,
+              classes: str | None, output: str | None, name: str, no_register: bool,
+              tile: int, chunk: int, radius: float, trees: int, max_depth: int | None,
+              seed: int, overwrite: bool, no_cluster: bool, **cluster: Any) -> None:
+    """EDS-guided random-forest labels of MOSAIC from sparse scribbles (-> labels/NAME)."""
+    from .label import eds_source, label
+
+    names = [c.strip() for c in classes.split(",")] if classes else None
+    with client_for(no_cluster, **cluster) as client:
+        announce(client)
+        r = label(mosaic, annotations, eds=eds_source(eds), classes=names, name=name,
+                  output=output, register=not no_register, tile=tile, chunk=chunk,
+                  unlabelled=int(unlabelled), radius=radius, n_estimators=trees,
+                  max_depth=max_depth, seed=seed, overwrite=overwrite, client=client)
+    click.echo(r.summary())
+# --- end label -----------------------------------------------------------------
+
+# --- analyze (analysis.py) -----------------------------------------------------
+@click.command("analyze")
+@click.argument("mosaics", nargs=-1, required=True, metavar="MOSAIC...",
+                type=click.Path(exists=False))
+@click.option("--series", is_flag=True,
+              help="Time series: MOSAIC... are PATH:TIME items (e.g. a.ome.zarr:5).")
+@click.option("--labels", "name", default="phases", help="Label group to analyse.")
+@click.option("--truth", default=None, help="Reference label group (e.g. truth): errors in pp.")
+@click.option("--roi", "rois", multiple=True, metavar="Y0:Y1,X0:X1",
+              help="Also analyse this region (pixels); repeat for several.")
+@click.option("--tile", type=int, default=2048, help="Tile edge (px) for spread and 95 % CI.")
+@click.option("--connectivity", type=click.Choice(["4", "8"]), default="4",
+              help="Pixel neighbourhood of connected components.")
+@click.option("--min-size-px", "min_size", type=int, default=9,
+              help="Smaller components are left out of the size statistics.")
+@click.option("--pixel-size", type=float, default=None,
+              help="Pixel size in um [default: from the store].")
+@click.option("--time-unit", default="min", help="Unit of the series times.")
+@click.option("--out", "out", type=click.Path(file_okay=False), default="analysis",
+              help="Output folder (CSV, JSON, PNG).")
+@cluster_options
+@handle_errors
+def analyze_cmd(mosaics: tuple[str, ...], series: bool, name: str, truth: str | None,
+                rois: tuple[str, ...], tile: int, connectivity: str, min_size: int,
+                pixel_size: float | None, time_unit: str, out: str, no_cluster: bool,
+                **cluster: Any) -> None:
+    """Fractions (95 % CI), connectivity, sizes, TPB and interfaces of MOSAIC's labels.
+
+    With --series: NiO (and other) fractions of several mosaics against time, e.g.
+    ``semdask analyze --series a.ome.zarr:0 b.ome.zarr:2 c.ome.zarr:5 --truth truth``.
+    """
+    from .analysis import analyze, analyze_series, write_analysis, write_series
+    from .errors import InputError
+
+    if not series and len(mosaics) != 1:
+        raise InputError("analyze", expected="one MOSAIC (or --series PATH:TIME ...)",
+                         got=f"{len(mosaics)} mosaics", fix="add --series for a time series")
+    with client_for(no_cluster, **cluster) as client:  # the cluster_options, as given
+        announce(client)
+        if series:
+            s = analyze_series(mosaics, labels=name, truth=truth, time_unit=time_unit,
+                               tile=tile, pixel_size_um=pixel_size)
+            files = write_series(s, out)
+            click.echo(s.table("NiO"))
+        else:
+            res = analyze(mosaics[0], labels=name, rois=rois, tile=tile,
+                          connectivity=1 if connectivity == "4" else 2, min_area_px=min_size,
+                          pixel_size_um=pixel_size, truth=truth)
+            files = write_analysis(res, out)
+    if not series:
+        for a in res:
+            u = a.unit
+            if a.pixel_size_um is None:
+                click.echo("note: no pixel size in the store; lengths and areas are in px "
+                           "(pass --pixel-size UM)")
+            click.echo(f"[{a.region}] {a.shape[0]} x {a.shape[1]} px")
+            for r, c in zip(a.fractions, a.connectivity, strict=True):
+                ci = ("" if r["ci_low"] is None else
+                      f" (95% CI {100 * r['ci_low']:.2f}-{100 * r['ci_high']:.2f})")
+                click.echo(f"  {r['phase']:<6}{100 * r['fraction']:7.2f} %{ci}, "
+                           f"percolating {100 * (c['percolating'] or 0):.0f} %")
+            if a.tpb["points"] is not None:
+                click.echo(f"  TPB {a.tpb['points']} points, {a.tpb[f'P_A_per_{u}2']:.4g} "
+                           f"/{u}^2")
+    click.echo(f"wrote {len(files)} files to {out}")
+
+
+# --- end analyze ---------------------------------------------------------------
+
+
+COMMANDS = [label_cmd, analyze_cmd]
