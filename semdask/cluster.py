@@ -16,6 +16,8 @@ Clusters come from named *profiles* whose defaults live in the packaged
 GPU profiles start their workers with ``resources={"GPU": 1}``;
 :func:`profile_has_gpu_workers` tells callers to annotate only the inference
 layers with that resource, so CPU work (I/O, pyramids, statistics) can run anywhere.
+Profile resolution and settings (pure, no cluster is built) live in :mod:`semdask.profiles`;
+its public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -28,8 +30,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from . import config
 from .errors import InputError, UnsafePathError
+from .profiles import (
+    PROFILES,
+    cluster_kwargs,
+    gpu_worker_args,
+    import_backend,
+    local_cluster_kwargs,
+    profile_config,
+    profile_has_gpu_workers,
+    resolve_dashboard,
+    resolve_profile,
+    slurm_kwargs,
+)
 
 __all__ = [
     "PROFILES",
@@ -45,101 +58,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-PROFILES = ("local", "local-cuda", "slurm", "slurm-runner", "kubernetes", "address",
-            "scheduler-file")
-# profile -> (distribution, semdask extra) of its optional package
-_EXTRAS = {"local-cuda": ("dask-cuda", "gpu"), "slurm": ("dask-jobqueue", "cluster"),
-           "slurm-runner": ("dask-jobqueue", "cluster"), "kubernetes": ("dask-kubernetes", "k8s")}
-# profile keys that are semdask's own, not keywords of the cluster class
-_OWN = {"gpu-resources", "jobs", "adapt", "dashboard-address", "n-workers"}
-
-
-def resolve_profile(profile: str | None = None, *, scheduler_address: str | None = None,
-                    scheduler_file: str | os.PathLike[str] | None = None) -> str:
-    """The profile name to use: ``profile``, else implied by an address/file, else config.
-
-    >>> resolve_profile("local_cuda"), resolve_profile(scheduler_address="tcp://h:8786")
-    ('local-cuda', 'address')
-    """
-    if scheduler_address and scheduler_file:
-        raise InputError("cluster", expected="either --scheduler-address or --scheduler-file",
-                         got="both", fix="pass only one of them")
-    implied = "address" if scheduler_address else "scheduler-file" if scheduler_file else None
-    name = profile if profile is not None else implied or config.get("cluster.profile", "local")
-    name = str(name).strip().lower().replace("_", "-")
-    if name not in PROFILES:
-        raise InputError(f"cluster profile {profile!r}", expected=f"one of {', '.join(PROFILES)}",
-                         got=repr(name), fix="connect(profile='local') or semdask segment ... "
-                         "--profile local; define site settings under "
-                         "semdask.cluster.profiles.<name> in ~/.config/dask/semdask.yaml")
-    if implied and name != implied:
-        raise InputError(f"cluster profile {name!r}", expected=f"profile {implied!r} with "
-                         "--scheduler-address/--scheduler-file", got=f"--profile {name}",
-                         fix=f"drop --profile, or use --profile {implied}")
-    return name
-
-
-def profile_config(profile: str | None = None, **overrides: Any) -> dict[str, Any]:
-    """The merged settings of a profile: packaged defaults < dask config < ``overrides``.
-
-    Keys use the YAML spelling (``job-extra-directives``); None overrides are ignored.
-
-    >>> profile_config("slurm", walltime="00:10:00")["walltime"]
-    '00:10:00'
-    """
-    name = resolve_profile(profile)
-    raw = config.get(f"cluster.profiles.{name}") or {}
-    cfg = {str(k).replace("_", "-"): v for k, v in dict(raw).items()}
-    cfg.update({k.replace("_", "-"): v for k, v in overrides.items() if v is not None})
-    return cfg
-
-
-def profile_has_gpu_workers(profile: str | None = None, *, scheduler_address: str | None = None,
-                            scheduler_file: str | os.PathLike[str] | None = None) -> bool:
-    """Whether the profile's workers carry ``resources={"GPU": 1}``.
-
-    >>> profile_has_gpu_workers("local"), profile_has_gpu_workers("local-cuda")
-    (False, True)
-    """
-    name = resolve_profile(profile, scheduler_address=scheduler_address,
-                           scheduler_file=scheduler_file)
-    return bool(profile_config(name).get("gpu-resources", False))
-
-
-def local_cluster_kwargs(
-    *,
-    n_workers: int | None = None,
-    threads_per_worker: int | None = None,
-    memory_limit: str | None = None,
-    dashboard_address: str | None = None,
-) -> dict[str, Any]:
-    """Keyword arguments for the default LocalCluster (keywords win over config).
-
-    >>> kw = local_cluster_kwargs(n_workers=2, dashboard_address="127.0.0.1:0")
-    >>> kw["n_workers"], kw["host"], kw["dashboard_address"]
-    (2, '127.0.0.1', '127.0.0.1:0')
-    """
-    cfg = profile_config("local")
-    nw = n_workers if n_workers is not None else cfg.get("n-workers")
-    if nw in (None, "auto"):
-        nw = max(1, min(os.cpu_count() or 1, 4))
-    tpw = int(threads_per_worker or cfg.get("threads-per-worker") or 1)
-    if int(nw) < 1 or tpw < 1:
-        raise InputError("workers", expected="at least one worker and one thread",
-                         got=f"n_workers={nw}, threads_per_worker={tpw}")
-    ml = memory_limit if memory_limit is not None else cfg.get("memory-limit")
-    return {
-        "n_workers": int(nw),
-        "threads_per_worker": tpw,
-        "processes": True,
-        "host": "127.0.0.1",
-        "dashboard_address": _dashboard(dashboard_address, cfg),
-        "memory_limit": "auto" if ml in (None, "auto") else ml,
-        # one BLAS/OpenMP thread per dask thread: no oversubscription of the cores
-        "env": {"OMP_NUM_THREADS": str(tpw), "MKL_NUM_THREADS": str(tpw)},
-    }
-
 
 @contextmanager
 def connect(
@@ -225,10 +143,10 @@ def job_script(profile: str = "slurm", **overrides: Any) -> str:
         raise InputError(f"job script of profile {name!r}", expected="profile 'slurm'",
                          got=name, fix="semdask cluster-info --profile slurm")
     cfg = profile_config(name, **overrides)
-    kw = _slurm_kwargs(cfg)
+    kw = slurm_kwargs(cfg)
     kw["scheduler_options"] = {**kw["scheduler_options"], "host": "127.0.0.1", "port": 0,
                                "dashboard_address": "127.0.0.1:0"}
-    cls = _import("slurm", "dask_jobqueue", "SLURMCluster")
+    cls = import_backend("slurm", "dask_jobqueue", "SLURMCluster")
     with _jobqueue_errors(cfg), cls(silence_logs="error", **kw) as cluster:
         return str(cluster.job_script())
 
@@ -278,45 +196,6 @@ def dashboard_link(client: Any) -> str:
 
 # --- builders --------------------------------------------------------------------------------
 
-def _kw(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Profile keys -> constructor keywords (semdask's own and None values dropped)."""
-    return {k.replace("-", "_"): v for k, v in cfg.items() if k not in _OWN and v is not None}
-
-
-def _dashboard(address: str | None, cfg: dict[str, Any]) -> str:
-    if address is None:
-        address = cfg.get("dashboard-address")
-    if address is None:
-        address = f"{config.get('dashboard.host')}:{config.get('dashboard.port')}"
-    return str(address)
-
-
-def _import(profile: str, module: str, attr: str) -> Any:
-    import importlib
-
-    dist, extra = _EXTRAS[profile]
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except ImportError as e:
-        raise InputError(f"cluster profile {profile!r}", expected=f"{dist} installed",
-                         got=f"{type(e).__name__}: {e}",
-                         fix=f"pip install 'semdask[{extra}]' (or pip install {dist})") from e
-
-
-def _gpu_args(cfg: dict[str, Any], args: list[str]) -> list[str]:
-    if cfg.get("gpu-resources") and not any(a.startswith("--resources") for a in args):
-        args = [*args, "--resources", "GPU=1"]
-    return args
-
-
-def _slurm_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
-    kw = _kw(cfg)
-    kw["worker_extra_args"] = _gpu_args(cfg, list(kw.get("worker_extra_args") or []))
-    kw["scheduler_options"] = {"dashboard_address": _dashboard(None, cfg),
-                               **dict(kw.get("scheduler_options") or {})}
-    return kw
-
-
 @contextmanager
 def _jobqueue_errors(cfg: dict[str, Any]) -> Iterator[None]:
     try:
@@ -332,8 +211,9 @@ def _jobqueue_errors(cfg: dict[str, Any]) -> Iterator[None]:
 def _build(name: str, cfg: dict[str, Any]) -> Any:
     """Create (not yet scale) the cluster of a GPU/HPC profile."""
     if name == "local-cuda":
-        cls = _import(name, "dask_cuda", "LocalCUDACluster")
-        kw = {"host": "127.0.0.1", **_kw(cfg), "dashboard_address": _dashboard(None, cfg)}
+        cls = import_backend(name, "dask_cuda", "LocalCUDACluster")
+        kw = {"host": "127.0.0.1", **cluster_kwargs(cfg),
+              "dashboard_address": resolve_dashboard(None, cfg)}
         dev = kw.pop("cuda_visible_devices", None)  # DASK_... env vars turn "0,1" into (0, 1)
         if dev is not None:
             kw["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, dev if isinstance(dev, list | tuple)
@@ -342,23 +222,24 @@ def _build(name: str, cfg: dict[str, Any]) -> Any:
             kw["n_workers"] = int(cfg["n-workers"])
         return cls(**kw, **({"resources": {"GPU": 1}} if cfg.get("gpu-resources") else {}))
     if name == "slurm":
-        cls = _import(name, "dask_jobqueue", "SLURMCluster")
+        cls = import_backend(name, "dask_jobqueue", "SLURMCluster")
         with _jobqueue_errors(cfg):
-            cluster = cls(**_slurm_kwargs(cfg))
+            cluster = cls(**slurm_kwargs(cfg))
         _scale(cluster, cfg, jobs=True)
         return cluster
     if name == "kubernetes":
-        cls = _import(name, "dask_kubernetes.operator", "KubeCluster")
+        cls = import_backend(name, "dask_kubernetes.operator", "KubeCluster")
         group = cfg.get("gpu-worker-group") or {}
         gpu = {str(k).replace("_", "-"): v for k, v in group.items()}
-        kw = _kw({k: v for k, v in cfg.items() if k not in ("gpu-worker-group", "cpu-workers")})
+        kw = cluster_kwargs({k: v for k, v in cfg.items()
+                             if k not in ("gpu-worker-group", "cpu-workers")})
         cluster = cls(n_workers=int(cfg.get("cpu-workers") or 0), **kw)
         n = int(cfg.get("n-workers") or gpu.get("n-workers") or 0)
         gpu.pop("n-workers", None)
         if n:  # only these workers carry GPU=1: the inference layers run there
-            command = _gpu_args(cfg, list(gpu.pop("worker-command", None) or ["dask-worker"]))
+            command = gpu_worker_args(cfg, list(gpu.pop("worker-command", None) or ["dask-worker"]))
             cluster.add_worker_group(name=str(gpu.pop("name", "gpu")), n_workers=n,
-                                     worker_command=command, **_kw(gpu))
+                                     worker_command=command, **cluster_kwargs(gpu))
         _scale(cluster, cfg, jobs=False)
         return cluster
     raise AssertionError(name)  # pragma: no cover - resolve_profile checked the name
@@ -385,14 +266,14 @@ def _slurm_runner(cfg: dict[str, Any]) -> Iterator[Any]:
                          got=f"{', '.join(missing)} not set",
                          fix="sbatch deploy/slurm/segment.sbatch (srun semdask segment ... "
                          "--profile slurm-runner), or use --profile slurm interactively")
-    cls = _import("slurm-runner", "dask_jobqueue.slurm", "SLURMRunner")
+    cls = import_backend("slurm-runner", "dask_jobqueue.slurm", "SLURMRunner")
     worker = dict(cfg.get("worker-options") or {})
     if cfg.get("gpu-resources"):
         worker.setdefault("resources", {"GPU": 1})
     for k in ("nthreads", "local-directory", "memory-limit"):
         if cfg.get(k) is not None:
             worker.setdefault(k.replace("-", "_"), cfg[k])
-    sched = {"dashboard_address": _dashboard(None, cfg),
+    sched = {"dashboard_address": resolve_dashboard(None, cfg),
              **dict(cfg.get("scheduler-options") or {})}
     sf = str(cfg.get("scheduler-file") or "scheduler-{job_id}.json")
     try:  # scheduler and worker ranks block in here and SIGINT themselves when the run ends

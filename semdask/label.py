@@ -20,6 +20,10 @@ see :func:`parse_annotations`. The confidence (max class probability) is meant a
 per-pixel training weight for the U-Net: low where EDS and texture disagree or at
 boundaries blurred by the EDS interaction volume.
 
+EDS loading, registration and upsampling live in :mod:`semdask.registration`, annotation
+parsing and rasterising in :mod:`semdask.annotations`; their public names are re-exported
+here.
+
 Examples
 --------
 >>> x = da.zeros((96, 80), chunks=48)
@@ -35,7 +39,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,21 +49,10 @@ import dask.array as da
 import numpy as np
 
 from . import io
-from .errors import InputError, SemdaskError
-from .features import (
-    Annotation,
-    FeatureSpec,
-    ShiftField,
-    aggregate_shifts,
-    chunk_grid,
-    estimate_shift,
-    features_block,
-    parse_annotations,
-    predict_block,
-    rasterise,
-    resample_block,
-    synthetic_scribbles,
-)
+from .annotations import parse_annotations, read_annotations, synthetic_scribbles
+from .errors import InputError
+from .features import FeatureSpec, chunk_grid, features_block, predict_block
+from .registration import EdsMaps, ShiftField, load_eds, register_eds, upsample_eds
 
 __all__ = [
     "EDS_FEATURES",
@@ -88,135 +81,6 @@ EDS_FEATURES = FeatureSpec(kinds=("gaussian", "gradient", "log"))
 _F32 = np.empty((0, 0, 0), np.float32)
 
 
-@dataclass(frozen=True)
-class EdsMaps:
-    """EDS element maps ``data`` float32 (c, ceil(H/factor), ceil(W/factor)) of an H x W
-    mosaic; ``true_shift_px`` (EDS px) is known for synthetic mosaics only."""
-
-    data: da.Array
-    channels: tuple[str, ...]
-    factor: int
-    true_shift_px: tuple[float, float] | None = None
-
-
-# ----------------------------------------------------------------------------- EDS
-def load_eds(source: Any, shape: tuple[int, int], *, mosaic: Any = None,
-             channels: Sequence[str] | None = None) -> EdsMaps:
-    """EDS maps for an H x W mosaic from ``"store"`` (the mosaic's ``eds`` group), a mapping
-    ``{element: image file or 2-D array}`` or a (c, h, w) array; resolution ``1 / factor``.
-
-    Raises
-    ------
-    InputError
-        Wrong dimensions, maps of different sizes, or no integer resolution factor.
-    """
-    true = None
-    if isinstance(source, str) and source == "store":
-        try:
-            arr = io.open_extra_image(mosaic, "eds")
-        except SemdaskError as e:
-            raise InputError("EDS maps", expected=f"an 'eds' image group in {mosaic}",
-                             got="none", fix="pass --eds Ni=ni.tif --eds O=o.tif ..., or "
-                             "--eds none for SEM-only features") from e
-        sem = io.read_attrs(mosaic, "eds").get("semdask") or {}
-        names = tuple(sem.get("channels") or (f"eds{i}" for i in range(arr.shape[0])))
-        true = tuple(sem["true_shift_px"]) if "true_shift_px" in sem else None
-    elif isinstance(source, Mapping):
-        from .readers import open_image
-
-        maps = []
-        for v in source.values():
-            if isinstance(v, str | Path):
-                img = open_image(v)
-                v = img.read(0, img.shape[0], 0, img.shape[1])
-            maps.append(np.asarray(v, np.float32))
-        if any(m.ndim != 2 for m in maps) or len({m.shape for m in maps}) != 1:
-            raise InputError("EDS maps", expected="2-D element maps of one size",
-                             got=f"shapes {[m.shape for m in maps]}",
-                             fix="export one single-channel image per element at one size")
-        arr, names = da.from_array(np.stack(maps)), tuple(source)
-    else:
-        arr = source if isinstance(source, da.Array) else da.from_array(np.asarray(source))
-        names = tuple(channels or (f"eds{i}" for i in range(arr.shape[0] if arr.ndim else 0)))
-    if arr.ndim != 3 or len(names) != arr.shape[0]:
-        raise InputError("EDS maps", expected="a (c, y, x) stack with one name per channel",
-                         got=f"shape {arr.shape}, channels {list(names)}",
-                         fix="stack the element maps: np.stack([ni, o, zr]) (one map: m[None])")
-    H, W = shape
-    f = max(1, round(H / arr.shape[1]))
-    if any(abs(n * f - s) >= f for n, s in zip(arr.shape[1:], shape, strict=True)):
-        raise InputError("EDS maps", expected=f"an integer fraction of the {H} x {W} mosaic "
-                         f"(e.g. {-(-H // 4)} x {-(-W // 4)} for 1/4)",
-                         got=f"{arr.shape[1]} x {arr.shape[2]}",
-                         fix="resample the maps to 1/n of the SEM size, or crop the SEM image")
-    he, we = -(-H // f), -(-W // f)
-    arr = arr[:, :he, :we].astype(np.float32)
-    if arr.shape[1:] != (he, we):
-        arr = da.pad(arr, ((0, 0), (0, he - arr.shape[1]), (0, we - arr.shape[2])), mode="edge")
-    return EdsMaps(arr, names, f, true)
-
-
-def register_eds(sem: da.Array, eds: EdsMaps, *, tile: int = 2048, upsample_factor: int = 20,
-                 lowpass: float = 1.0, min_quality: float = 0.3,
-                 max_deviation: float = 2.0) -> ShiftField:
-    """Estimate the EDS shift per ``tile`` (SEM px) and aggregate it into a smooth field.
-
-    The SEM image is binned (mean) onto the EDS grid; each tile pair goes through
-    :func:`semdask.features.estimate_shift` (one task per tile); tiles are combined by
-    :func:`semdask.features.aggregate_shifts` (``max_deviation`` in SEM px).
-    """
-    f = eds.factor
-    he, we = eds.data.shape[1:]
-    pad = ((0, he * f - sem.shape[0]), (0, we * f - sem.shape[1]))
-    te = max(16, tile // f)
-    x = da.pad(sem.astype(np.float32), pad, mode="edge").rechunk(te * f)
-    binned = da.coarsen(np.mean, x, {0: f, 1: f})
-    ys, xs = chunk_grid(he, te, te // 2), chunk_grid(we, te, te // 2)
-    oy, ox = np.cumsum((0, *ys)), np.cumsum((0, *xs))
-    tasks = [dask.delayed(estimate_shift)(binned[oy[i]:oy[i + 1], ox[j]:ox[j + 1]],
-                                          eds.data[:, oy[i]:oy[i + 1], ox[j]:ox[j + 1]],
-                                          upsample_factor=upsample_factor, lowpass=lowpass)
-             for i in range(len(ys)) for j in range(len(xs))]
-    res = np.array(dask.compute(*tasks), np.float64).reshape(len(ys), len(xs), 3)
-    raw = res[..., :2] * f
-    fld, ok = aggregate_shifts(raw, res[..., 2], min_quality=min_quality,
-                               max_deviation=max_deviation)
-    centres = ((oy[:-1] + oy[1:]) * f / 2, (ox[:-1] + ox[1:]) * f / 2)
-    out = ShiftField(f, te * f, centres, fld, raw, res[..., 2], ok)
-    log.info("EDS registration: %d/%d tiles kept, mean shift (dy, dx) = (%.2f, %.2f) SEM px",
-             ok.sum(), ok.size, *out.mean)
-    return out
-
-
-def upsample_eds(eds: EdsMaps, shift: ShiftField | None, chunks: tuple[tuple[int, ...], ...]
-                 ) -> da.Array:
-    """EDS maps on SEM pixels (c, y, x) float32 with SEM ``chunks`` (multiples of the factor
-    but the last), shift-corrected and bilinear (:func:`semdask.features.resample_block`)."""
-    f = eds.factor
-    shift = shift or ShiftField.zero((sum(chunks[0]), sum(chunks[1])), f)
-    de = math.ceil(shift.max_abs / f) + 2
-    ech = [(*(c // f for c in ch[:-1]), n - sum(c // f for c in ch[:-1]))
-           for ch, n in zip(chunks, eds.data.shape[1:], strict=True)]
-    if min(min(c) for c in ech) < de:
-        raise InputError("chunk", expected=f"chunks of at least {de * f} px",
-                         got=f"chunks {chunks}", fix="use larger --chunks")
-    x = eds.data.rechunk((eds.data.shape[0], *ech))
-    offs = [np.cumsum((0, *c)) for c in chunks]
-    eoffs = [np.cumsum((0, *c)) for c in ech]
-
-    def task(block: np.ndarray, block_id: tuple[int, ...] | None = None) -> np.ndarray:
-        assert block_id is not None
-        iy, ix = block_id[1:]
-        return resample_block(block, eds_origin=(eoffs[0][iy] - de, eoffs[1][ix] - de),
-                              out_origin=(offs[0][iy], offs[1][ix]),
-                              out_shape=(chunks[0][iy], chunks[1][ix]), factor=f,
-                              field=shift.field, centres=shift.centres)
-
-    return da.map_overlap(task, x, depth={0: 0, 1: de, 2: de}, boundary="nearest",
-                          trim=False, chunks=((x.shape[0],), *chunks), dtype=np.float32,
-                          meta=_F32, token="semdask-eds-upsample")
-
-
 # ----------------------------------------------------------------------------- features
 def _features_core(block: np.ndarray, spec: FeatureSpec, d: int) -> np.ndarray:
     out = features_block(block, spec)
@@ -243,52 +107,6 @@ def feature_stack(image: da.Array, spec: FeatureSpec | None = None) -> da.Array:
                           trim=False, chunks=((n,), *x.chunks[1:]), dtype=np.float32,
                           meta=_F32, spec=spec, d=d, token="semdask-features")
 
-
-# ----------------------------------------------------------------------------- annotations
-def read_annotations(source: Any, shape: tuple[int, int], chunks: Any, *,
-                     classes: Sequence[str], mosaic: Any = None, unlabelled: int = 0,
-                     radius: float = 2.0) -> da.Array:
-    """Annotations as uint8 (y, x), 0 = unlabelled, ``k + 1`` = class ``k``, lazily.
-
-    ``source``: shapes (:class:`~semdask.features.Annotation`), a label array, a CSV or
-    GeoJSON file, a TIFF/PNG label image, or ``labels/<name>`` in the mosaic store.
-    Label images follow ``unlabelled`` (0: values are class id + 1; 255: class ids).
-    """
-    if isinstance(source, str | Path) and not Path(source).is_file():
-        name = str(source).removeprefix("labels/")
-        source = io.open_labels(mosaic, name).data
-    elif isinstance(source, str | Path) and Path(source).suffix.lower() in (
-            ".csv", ".geojson", ".json"):
-        source = parse_annotations(source, classes, radius=radius)
-    elif isinstance(source, str | Path):
-        from .readers import open_image
-
-        img = open_image(source)
-        source = img.read(0, img.shape[0], 0, img.shape[1])
-    if isinstance(source, Sequence) and all(isinstance(a, Annotation) for a in source):
-        if not source:
-            raise InputError("annotations", expected="at least one shape", got="none",
-                             fix="add points, strokes or polygons with a class")
-        shapes = list(source)
-        offs = [np.cumsum((0, *c)) for c in chunks]
-
-        def draw(block: np.ndarray, block_id: tuple[int, ...] | None = None) -> np.ndarray:
-            assert block_id is not None
-            iy, ix = block_id
-            return rasterise(shapes, offs[0][iy], offs[1][ix], *block.shape)
-
-        return da.map_blocks(draw, da.zeros(shape, np.uint8, chunks=chunks), dtype=np.uint8,
-                             meta=np.empty((0, 0), np.uint8))
-    arr = source if isinstance(source, da.Array) else da.from_array(np.asarray(source))
-    if tuple(arr.shape) != tuple(shape):
-        raise InputError("annotations", expected=f"a label image of the mosaic's shape {shape}",
-                         got=f"shape {arr.shape}", fix="draw the scribbles on the same image")
-    arr = arr.rechunk(chunks)
-    if unlabelled == 255:
-        arr = da.where(arr == 255, 0, arr.astype(np.int16) + 1)
-    elif unlabelled != 0:
-        raise InputError("unlabelled", expected="0 or 255", got=repr(unlabelled))
-    return arr.astype(np.uint8)
 
 
 def _count(b: np.ndarray) -> np.ndarray:
