@@ -194,13 +194,16 @@ def train_cmd(stores: tuple[Path, ...], out: Path, labels: str, epochs: int,
 @click.option("--resume", is_flag=True,
               help="Keep the recorded, intact blocks of an earlier run with the same input, "
               "model and plan; compute only missing or stale ones (see semdask verify).")
+@click.option("--rescale/--no-rescale", default=None, show_default="auto",
+              help="Resample to the model's training pixel size and back [default: when the "
+              "mosaic's and the model's pixel sizes are known and differ by > 5 %].")
 @_cluster_options
 @_handle_errors
 def segment(mosaic: str, model: str | None, output: str | None, mode: str | None,
             chunk: int | None, window: int | None, overlap: float | None, blend: str | None,
             precision: str | None, batch_size: int | None, device: str, probs: bool,
             confidence: bool, name: str, overwrite: bool, gpu_resources: bool, resume: bool,
-            profile: str | None, scheduler_address: str | None,
+            rescale: bool | None, profile: str | None, scheduler_address: str | None,
             scheduler_file: str | None, n_workers: int | None, dashboard_address: str | None,
             no_cluster: bool) -> None:
     """Segment MOSAIC (OME-Zarr) into phases; labels go to <OUT or MOSAIC>/labels/NAME.
@@ -223,11 +226,14 @@ def segment(mosaic: str, model: str | None, output: str | None, mode: str | None
         r = run(mosaic, model=model, output=output, mode=mode, window=window, overlap=overlap,
                 blend=blend, chunk=chunk, precision=precision, batch_size=batch_size,
                 device=device, probs=probs, confidence=confidence, name=name,
-                overwrite=overwrite, client=client, gpu_resources=gpu, resume=resume)
+                overwrite=overwrite, client=client, gpu_resources=gpu, resume=resume,
+                rescale=rescale)
     if html is not None:
         click.echo(f"performance report: {html}")
     click.echo(f"wrote {r.output}/{r.labels} ({r.shape[0]} x {r.shape[1]} px, {r.plan.mode} "
                f"mode) in {r.seconds:.1f} s = {r.mpix_per_s:.2f} MPix/s")
+    if r.rescale != 1.0:
+        click.echo(f"inferred at the model's pixel size (resampled by {r.rescale:.4g} and back)")
 
 
 @main.command()

@@ -40,6 +40,7 @@ from .infer import (
     plan_inference,
 )
 from .normalise import NormStats, compute_stats
+from .rescale import rescaled_probs, scale_factor, target_shape
 
 __all__ = ["SegmentResult", "mosaic_stats", "segment"]
 
@@ -61,6 +62,7 @@ class SegmentResult:
     blocks_total: int = 0
     blocks_computed: int = 0
     up_to_date: bool = False
+    rescale: float = 1.0  #: zoom to the model's scale used for inference (1.0: none)
 
     @property
     def mpix_per_s(self) -> float:
@@ -103,6 +105,7 @@ def segment(
     progress: bool = True,
     gpu_resources: bool = False,
     resume: bool = False,
+    rescale: bool | None = None,
 ) -> SegmentResult:
     """Segment a whole OME-Zarr mosaic into phases with blended U-Net inference.
 
@@ -133,6 +136,14 @@ def segment(
         statistics, outputs, version) that are recorded and intact; recompute the rest.
         A different run key replaces the outputs (full recompute); an output that is
         complete and intact is left alone (``up_to_date``).
+    rescale : bool, optional
+        Pixel-size awareness. ``None`` (auto): when the mosaic's pixel size differs from
+        the model's training pixel size by more than 5 %, resample the mosaic to the
+        model's scale, infer there and resample the probabilities back (linear) before
+        the argmax, so outputs keep the mosaic's grid (:mod:`semdask.rescale`); a
+        warning when either pixel size is unknown. ``False``: never; ``True``: whenever
+        they differ (an unknown pixel size is an error). The factor is recorded in the
+        provenance and in ``SegmentResult.rescale``.
 
     Raises
     ------
@@ -154,19 +165,26 @@ def segment(
     mode = config.resolve(mode, "segment.mode")
     window = int(config.resolve(window, "segment.window") if window is not None
                  else (mcfg.window or config.get("segment.window")))
-    plan = plan_inference(
-        (int(m.image.shape[0]), int(m.image.shape[1])), mode=str(mode), window=window,
-        overlap=float(config.resolve(overlap, "segment.overlap")),
-        chunk=int(config.resolve(chunk, "segment.chunks")),
-        receptive_field=int(mcfg.receptive_field),
-        blend=str(config.resolve(blend, "segment.blend")))
+    plan_kw: dict[str, Any] = {
+        "mode": str(mode), "window": window,
+        "overlap": float(config.resolve(overlap, "segment.overlap")),
+        "chunk": int(config.resolve(chunk, "segment.chunks")),
+        "receptive_field": int(mcfg.receptive_field),
+        "blend": str(config.resolve(blend, "segment.blend"))}
+    plan = plan_inference((int(m.image.shape[0]), int(m.image.shape[1])), **plan_kw)
     norm = mcfg.normalisation
     out = Path(output) if output is not None else m.path
     inside = out.resolve() == m.path.resolve()
     reuse_copy = not inside and resume and _image_ready(out, m)
     stats = mosaic_stats(m, norm.low_percentile, norm.high_percentile,
                          fallback=sio.read_attrs(out) if reuse_copy else None)
-    _check_pixel_size(m.pixel_size_um, mcfg.pixel_size_um)
+    if rescale is False:
+        _check_pixel_size(m.pixel_size_um, mcfg.pixel_size_um)
+    factor = scale_factor(m.pixel_size_um, mcfg.pixel_size_um, rescale=rescale)
+    # the plan at the model's scale (rescaled_probs makes the same one)
+    inner = plan if factor == 1.0 else plan_inference(target_shape(plan.shape, factor), **plan_kw)
+    plan_key = plan.to_dict() if factor == 1.0 else {**plan.to_dict(), "rescale": factor,
+                                                      "model_scale_plan": inner.to_dict()}
 
     if inside:
         # computed once per mosaic: later runs (and training) reuse the stored statistics
@@ -183,6 +201,10 @@ def segment(
         "version": __version__,
         "model": {"path": str(model_path), "sha256": sha, "classes": list(mcfg.classes)},
         "plan": plan.to_dict(),
+        "rescale": {"factor": factor, "mosaic_pixel_size_um": m.pixel_size_um,
+                    "model_pixel_size_um": mcfg.pixel_size_um,
+                    "model_scale_shape": list(inner.shape),
+                    "model_scale_plan": inner.to_dict() if factor != 1.0 else None},
         "precision": prec,
         "normalisation": stats.to_dict(),
         "source": str(m.path),
@@ -193,14 +215,20 @@ def segment(
     written = [group, *(["probs"] if probs else []), *(["confidence"] if confidence else [])]
 
     with dask.annotate(resources={"GPU": 1}) if gpu_resources else _null():
-        p = blended_probs(m.image, str(model_path), n_classes=len(classes), stats=stats,
-                          plan=plan, model_sha=sha, precision=precision,
-                          batch_size=batch_size, device=device)
+        infer_kw: dict[str, Any] = {"model_sha": sha, "precision": precision,
+                                    "batch_size": batch_size, "device": device}
+        if factor == 1.0:
+            p = blended_probs(m.image, str(model_path), n_classes=len(classes), stats=stats,
+                              plan=plan, **infer_kw)
+        else:
+            p = rescaled_probs(m.image, str(model_path), factor=factor, n_classes=len(classes),
+                               stats=stats, plan_kwargs=plan_kw, chunk=plan.chunk,
+                               **infer_kw)[0]
     sources = [labels_from_probs(p)]
     sources += [p.astype(np.float16)] if probs else []
     sources += [confidence_from_probs(p)] if confidence else []
     blocks = ledger.block_slices(sources[0].chunks)
-    key = ledger.run_key(ledger.input_identity(m), model_sha=sha, plan=plan.to_dict(),
+    key = ledger.run_key(ledger.input_identity(m), model_sha=sha, plan=plan_key,
                          precision=prec, stats=stats.to_dict(), outputs=written)
     led = ledger.Ledger(out, group)
     head = led.header() if resume else None
@@ -212,7 +240,8 @@ def segment(
         if not todo and all(_complete(out, g) for g in written):
             log.info("%s/%s is up to date (%d blocks verified)", out, group, len(blocks))
             return SegmentResult(out, group, plan.shape, plan, stats, sha,
-                                 time.perf_counter() - t0, written[1:], len(blocks), 0, True)
+                                 time.perf_counter() - t0, written[1:], len(blocks), 0, True,
+                                 factor)
         log.info("resuming %s/%s: %d of %d blocks missing or stale", out, group, len(todo),
                  len(blocks))
         for g in written:
@@ -225,7 +254,7 @@ def segment(
         targets = _begin_targets(out, written, plan, classes, colours, provenance,
                                  m.pixel_size_um, overwrite or resume)
         led.begin({"key": key, "chunks": [list(c) for c in sources[0].chunks],
-                   "outputs": written, "model": sha, "plan": plan.to_dict(), "precision": prec,
+                   "outputs": written, "model": sha, "plan": plan_key, "precision": prec,
                    "normalisation": stats.to_dict(), "source": str(m.path),
                    "version": __version__}, keep_records=False)
 
@@ -242,7 +271,7 @@ def segment(
     log.info("wrote %s to %s in %.1f s (%.2f MPix/s)", ", ".join(written), out, secs,
              plan.shape[0] * plan.shape[1] / 1e6 / secs)
     return SegmentResult(out, group, plan.shape, plan, stats, sha, secs, written[1:],
-                         len(blocks), len(todo), False)
+                         len(blocks), len(todo), False, factor)
 
 
 def _check_pixel_size(mosaic_um: float | None, model_um: float | None) -> None:
