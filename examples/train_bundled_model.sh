@@ -5,6 +5,10 @@
 # 0.0 / 0.15 / 0.3 / 0.45); the bottom 20 % rows of each are the validation band.
 # Training: the paper's U-Net (16-32-64-128-256), cross-entropy, Adam, lr 1e-3 with cosine
 # decay, 160-px windows, batch 8, 12 epochs x 200 steps, seed 1 (CPU, 2 cores: ~20-40 min).
+# These flags pin semdask 0.1's training recipe (the one the shipped model was trained with,
+# commit 4ac5064); since then the defaults are ce+dice, balanced sampling and richer
+# augmentation, and the validation band has a one-window guard gap, so a rerun gives a
+# comparable model, not the same bytes.
 # Evaluation: a fresh 2048 x 2048 mosaic (seed 201, NiO 0.25) never seen in training,
 # one whole-image forward pass, confusion matrix -> accuracy, per-class IoU, mIoU.
 #
@@ -28,7 +32,8 @@ done
 
 time "$SEMDASK" -v train "$WORK"/train-10{1,2,3,4}.ome.zarr --out "$WORK/soc-unet.safetensors" \
   --labels truth --window 160 --batch-size 8 --epochs "$EPOCHS" --steps-per-epoch "$STEPS" \
-  --lr 1e-3 --schedule cosine --seed 1 2>&1 | tee "$WORK/train.log"
+  --lr 1e-3 --schedule cosine --seed 1 \
+  --loss ce --class-weights none --sampling uniform --augment flips 2>&1 | tee "$WORK/train.log"
 
 mkdir -p semdask/models
 cp "$WORK/soc-unet.safetensors" "$WORK/soc-unet.yaml" semdask/models/

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import dask
 
 from . import __version__
 from .cli_common import announce as _announce
@@ -32,6 +33,11 @@ def main(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("semdask").setLevel(min(level, logging.INFO))
+    # Dask's own chatter (start-up, shutdown): its warnings with -v, its info with -vv
+    quiet = ("error", "warning", "info")[min(verbose, 2)]
+    dask.config.set({"logging.distributed": quiet})
+    for name in ("distributed", "bokeh", "tornado"):
+        logging.getLogger(name).setLevel(quiet.upper())
 
 
 # --- synth (synthetic.py) ----------------------------------------------------
@@ -100,22 +106,44 @@ def _databar(value: str | None) -> bool | int:
 @click.option("--ngff", type=click.Choice(["0.5", "0.4"]), default="0.5",
               help="0.4 also writes OUT.ngff04.ome.zarr for Fiji/QuPath.")
 @click.option("--page", type=int, default=None, help="Page of a multi-page TIFF.")
+@click.option("--labels", "labels", type=click.Path(path_type=Path), default=None,
+              metavar="PATH", help="Label image (class indices, 255 = ignore) for one input, "
+              "or a folder of label images matched by file stem.")
+@click.option("--labels-name", "labels_name", default="truth", show_default=True,
+              help="Label group to write (labels/NAME; semdask train --labels NAME).")
+@click.option("--classes", default=None, metavar="A,B,C",
+              help="Class names by label value, comma-separated.")
+@click.option("--classes-from", "classes_from", type=click.Path(path_type=Path), default=None,
+              metavar="FILE", help='Class names from JSON (a list or {"classes": [...]}, e.g. '
+              "a dataset's meta.json) or a text file, one per line.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output stores.")
 @_handle_errors
 def convert_cmd(inputs: tuple[Path, ...], out: Path, pixel_size: float | None,
                 crop_databar: str | None, tile_offsets: Path | None, chunk: int | None,
-                ngff: str, page: int | None, overwrite: bool) -> None:
+                ngff: str, page: int | None, labels: Path | None, labels_name: str,
+                classes: str | None, classes_from: Path | None, overwrite: bool) -> None:
     """Convert SEM image(s) INPUT... into OME-Zarr OUT.
 
     One image -> OUT.ome.zarr; several images or a folder -> OUT/<stem>.ome.zarr each;
-    with --tile-offsets the images are fused into one mosaic OUT.
+    with --tile-offsets the images are fused into one mosaic OUT. With --labels the
+    label images are stored as labels/NAME (checked first: nothing is written when a
+    shape or value does not fit).
     """
     from dask.diagnostics import ProgressBar
 
-    from .convert import convert, convert_each
+    from .convert import convert, convert_each, read_classes
 
+    if classes is not None and classes_from is not None:
+        raise click.BadParameter("give --classes or --classes-from, not both")
+    if (classes or classes_from) and labels is None:
+        raise click.BadParameter("--classes/--classes-from name the values of --labels; "
+                                 "pass --labels PATH too")
+    names = (read_classes(classes_from) if classes_from is not None
+             else [c.strip() for c in classes.split(",")] if classes else None)
     kw: dict[str, Any] = dict(pixel_size_um=pixel_size, crop_databar=_databar(crop_databar),
                               chunk=chunk, ngff=ngff, overwrite=overwrite, page=page)
+    if labels is not None:
+        kw.update(labels=labels, labels_name=labels_name, classes=names)
     each = tile_offsets is None and (len(inputs) > 1 or any(p.is_dir() for p in inputs))
     with ProgressBar(minimum=1.0, out=sys.stderr):
         if each:
@@ -124,8 +152,9 @@ def convert_cmd(inputs: tuple[Path, ...], out: Path, pixel_size: float | None,
             mosaics = [convert(inputs, out, tile_offsets=tile_offsets, **kw)]
     for m in mosaics:
         px = "none" if m.pixel_size_um is None else f"{m.pixel_size_um:g} µm"
+        lab = f", labels/{labels_name}" if labels is not None else ""
         click.echo(f"{m.path}: {m.image.shape[0]} x {m.image.shape[1]} {m.image.dtype}, "
-                   f"pixel size {px}, {m.levels} levels")
+                   f"pixel size {px}, {m.levels} levels{lab}")
 
 
 # --- end convert --------------------------------------------------------------
@@ -140,29 +169,71 @@ def convert_cmd(inputs: tuple[Path, ...], out: Path, pixel_size: float | None,
 @click.option("--steps-per-epoch", "steps_per_epoch", type=int, default=100)
 @click.option("--batch-size", "batch_size", type=int, default=8)
 @click.option("--window", type=int, default=256, help="Training window edge (multiple of 16).")
-@click.option("--lr", type=float, default=1e-3, help="Adam learning rate (peak).")
-@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine")
+@click.option("--lr", type=float, default=1e-3, help="Peak learning rate.")
+@click.option("--schedule", type=click.Choice(["cosine", "plateau", "constant"]),
+              default="cosine", help="Cosine decay, halve on a validation plateau, or constant.")
+@click.option("--arch", type=click.Choice(["unet", "resunet"]), default="unet",
+              help="The paper's U-Net or the residual-encoder U-Net.")
+@click.option("--loss", type=click.Choice(["ce", "ce+dice", "focal"]), default="ce+dice",
+              help="ce+dice is 0.6 CE + 0.4 soft Dice (see --dice-weight).")
+@click.option("--dice-weight", "dice_weight", type=float, default=0.4)
+@click.option("--class-weights", "class_weights", type=click.Choice(["none", "auto"]),
+              default="none", help="auto: inverse-sqrt pixel frequencies of the training labels.")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw"]), default="adam")
+@click.option("--weight-decay", "weight_decay", type=float, default=None,
+              help="[default: 0 for adam, 0.01 for adamw]")
+@click.option("--sampling", type=click.Choice(["balanced", "uniform"]), default="balanced",
+              help="balanced: a share --balance of windows centred on a random class.")
+@click.option("--balance", type=float, default=0.5, help="Class-balanced share of windows.")
+@click.option("--split", type=click.Choice(["bands", "stores", "blocks"]), default="bands",
+              help="Held out for validation: a row band, whole stores, or grid blocks "
+              "(all with a one-window guard gap).")
+@click.option("--val-store", "val_store", multiple=True, type=click.Path(path_type=Path),
+              help="A store held out for validation (repeatable; implies --split stores).")
 @click.option("--val-fraction", "val_fraction", type=float, default=0.2,
-              help="Bottom band of every mosaic held out for validation.")
+              help="Share held out: band height, or 1/k of the stores or blocks.")
+@click.option("--fold", type=int, default=0, help="Which band/store group/block fold is "
+              "validation.")
+@click.option("--block", type=int, default=None, help="Block edge in px for --split blocks "
+              "[default: 4 windows].")
+@click.option("--weights", default=None, metavar="GROUP",
+              help="Per-pixel loss weights, e.g. eds-rf-confidence from semdask label.")
+@click.option("--augment", type=click.Choice(["none", "flips", "light", "default", "strong"]),
+              default="default", help="Augmentation preset (batched, on the device).")
+@click.option("--amp/--no-amp", default=True, help="bf16 autocast on CUDA.")
+@click.option("--patience", type=int, default=None,
+              help="Stop after N epochs without a better validation mIoU.")
+@click.option("--tensorboard", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Write TensorBoard scalars to DIR.")
+@click.option("--freeze-encoder-epochs", "freeze_encoder_epochs", type=int, default=0,
+              help="resunet: keep the encoder frozen for the first N epochs.")
+@click.option("--encoder-weights", "encoder_weights", type=click.Path(path_type=Path),
+              default=None, metavar="FILE", help="resunet: encoder weights (safetensors).")
+@click.option("--ensemble", type=int, default=1, metavar="M",
+              help="Train M members (seed+i, fold+i) to STEM-m<i>.safetensors.")
 @click.option("--workers", type=int, default=0, help="DataLoader worker processes.")
 @click.option("--seed", type=int, default=0)
 @click.option("--device", default="cpu", help="Torch device (cpu, cuda, cuda:1, ...).")
 @click.option("--resume", type=click.Path(path_type=Path), default=None, metavar="CKPT",
               help="Continue from MODEL.last.safetensors of an earlier run.")
 @_handle_errors
-def train_cmd(stores: tuple[Path, ...], out: Path, labels: str, epochs: int,
-              steps_per_epoch: int, batch_size: int, window: int, lr: float, schedule: str,
-              val_fraction: float, workers: int, seed: int, device: str,
-              resume: Path | None) -> None:
-    """Train a U-Net on the mosaics STORE... (OME-Zarr with labels) and write --out."""
+def train_cmd(stores: tuple[Path, ...], out: Path, val_store: tuple[Path, ...],
+              split: str, workers: int, **kw: Any) -> None:
+    """Train a network on the mosaics STORE... (OME-Zarr with labels) and write --out."""
     from .train import train
 
-    r = train(stores, out, labels=labels, window=window, epochs=epochs,
-              steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr,
-              val_fraction=val_fraction, num_workers=workers, seed=seed, device=device,
-              resume=resume, schedule=schedule)
-    click.echo(f"{r.model_path}: best val mIoU {r.best_miou:.4f} (epoch {r.best_epoch}), "
-               f"{r.seconds:.0f} s; metrics {r.metrics_csv}")
+    paths = [*stores]
+    held = []
+    for v in val_store:
+        same = [i for i, p in enumerate(paths) if p.resolve() == v.resolve()]
+        held.append(same[0] if same else len(paths))
+        paths += [] if same else [v]
+    r = train(paths, out, split="stores" if val_store else split, num_workers=workers,
+              val_stores=held or None, **kw)
+    for m in r.members or [r]:
+        click.echo(f"{m.model_path}: best val mIoU {m.best_miou:.4f} (epoch {m.best_epoch}"
+                   f"{', stopped early' if m.stopped_early else ''}); metrics {m.metrics_csv}")
+    click.echo(f"{r.seconds:.0f} s")
 
 
 # --- end train ----------------------------------------------------------------
@@ -170,8 +241,17 @@ def train_cmd(stores: tuple[Path, ...], out: Path, labels: str, epochs: int,
 # --- segment / fractions / preview / demo (infer.py, metrics.py) -------------
 @main.command()
 @click.argument("mosaic", type=click.Path(exists=False))
-@click.option("--model", "-m", default=None, type=click.Path(dir_okay=False),
-              help="Model .safetensors [default: the bundled SOC model].")
+@click.option("--model", "-m", "models", multiple=True, type=click.Path(dir_okay=False),
+              help="Model .safetensors [default: the bundled SOC model]; repeat it (or give a "
+              "quoted glob) for an ensemble: probabilities are averaged.")
+@click.option("--ensemble", default=None, metavar="PREFIX",
+              help="Ensemble members PREFIX-m0.safetensors, PREFIX-m1, ... (semdask train "
+              "--ensemble); PREFIX may be the train --out file.")
+@click.option("--tta", is_flag=True,
+              help="Test-time augmentation: average over the 8 flips/rotations (8x slower).")
+@click.option("--uncertainty", is_flag=True,
+              help="Also write 'uncertainty' (std across members/TTA views of the predicted "
+              "class's probability) and 'entropy' (of the mean probabilities, 0..1).")
 @click.option("--output", "-o", default=None, type=click.Path(),
               help="Write to this OME-Zarr instead of into MOSAIC.")
 @click.option("--mode", type=click.Choice(["window", "whole-chunk"]), default=None,
@@ -199,8 +279,9 @@ def train_cmd(stores: tuple[Path, ...], out: Path, labels: str, epochs: int,
               "mosaic's and the model's pixel sizes are known and differ by > 5 %].")
 @_cluster_options
 @_handle_errors
-def segment(mosaic: str, model: str | None, output: str | None, mode: str | None,
-            chunk: int | None, window: int | None, overlap: float | None, blend: str | None,
+def segment(mosaic: str, models: tuple[str, ...], ensemble: str | None, tta: bool,
+            uncertainty: bool, output: str | None, mode: str | None, chunk: int | None,
+            window: int | None, overlap: float | None, blend: str | None,
             precision: str | None, batch_size: int | None, device: str, probs: bool,
             confidence: bool, name: str, overwrite: bool, gpu_resources: bool, resume: bool,
             rescale: bool | None, profile: str | None, scheduler_address: str | None,
@@ -223,7 +304,8 @@ def segment(mosaic: str, model: str | None, output: str | None, mode: str | None
                                      dashboard_address=dashboard_address) as client, \
             report(client, performance_report_path(output or mosaic)) as html:
         _announce(client)
-        r = run(mosaic, model=model, output=output, mode=mode, window=window, overlap=overlap,
+        r = run(mosaic, model=list(models) or None, ensemble=ensemble, tta=tta,
+                uncertainty=uncertainty, output=output, mode=mode, window=window, overlap=overlap,
                 blend=blend, chunk=chunk, precision=precision, batch_size=batch_size,
                 device=device, probs=probs, confidence=confidence, name=name,
                 overwrite=overwrite, client=client, gpu_resources=gpu, resume=resume,
@@ -232,6 +314,9 @@ def segment(mosaic: str, model: str | None, output: str | None, mode: str | None
         click.echo(f"performance report: {html}")
     click.echo(f"wrote {r.output}/{r.labels} ({r.shape[0]} x {r.shape[1]} px, {r.plan.mode} "
                f"mode) in {r.seconds:.1f} s = {r.mpix_per_s:.2f} MPix/s")
+    if len(r.members) > 1 or tta:
+        click.echo(f"ensemble of {len(r.members)} model(s){' x 8 TTA views' if tta else ''}"
+                   + (f"; also wrote {', '.join(r.extras)}" if r.extras else ""))
     if r.rescale != 1.0:
         click.echo(f"inferred at the model's pixel size (resampled by {r.rescale:.4g} and back)")
 

@@ -185,5 +185,63 @@ def robustness_cmd(mosaic: str, model: str | None, truth: str, out: str, tiles: 
 
 # --- end robustness ------------------------------------------------------------
 
+# --- evaluate (evaluate.py, plot_eval.py) ----------------------------------------
+@click.command("evaluate")
+@click.argument("pred", type=click.Path(exists=False))
+@click.argument("truth", type=click.Path(exists=False))
+@click.option("--pred-labels", default="phases", show_default=True,
+              help="Label group of PRED when it is an OME-Zarr store.")
+@click.option("--truth-labels", default="truth", show_default=True,
+              help="Label group of TRUTH when it is an OME-Zarr store.")
+@click.option("--classes", default=None, metavar="A,B,...",
+              help="Class names [default: the stores' label metadata, else 0..max id].")
+@click.option("--tolerance", type=float, default=2.0, show_default=True,
+              help="Boundary F1 match distance in px (0 = the same pixel).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Write all metrics (pooled and per image) to this JSON file.")
+@click.option("--plots", type=click.Path(file_okay=False), default=None,
+              help="Write confusion, IoU/Dice, error overlay and frequency-IoU PNGs here.")
+@click.option("--image", default=None, type=click.Path(exists=False),
+              help="Image under the error overlay (store, image file or folder matched by "
+              "stem) [default: the PRED store's image].")
+@click.option("--level", type=int, default=None,
+              help="Overlay pyramid level [default: finest with side <= --max-side].")
+@click.option("--max-side", type=int, default=1024, show_default=True)
+@click.option("--chunks", "chunk", type=int, default=None,
+              help="Rechunk to this edge (memory/parallelism only; the numbers do not change).")
+@cluster_options
+@handle_errors
+def evaluate_cmd(pred: str, truth: str, pred_labels: str, truth_labels: str,
+                 classes: str | None, tolerance: float, json_out: str | None,
+                 plots: str | None, image: str | None, level: int | None, max_side: int,
+                 chunk: int | None, no_cluster: bool, **cluster: Any) -> None:
+    """Accuracy, IoU, Dice, precision/recall, boundary F1 and confusion of PRED vs TRUTH.
 
-COMMANDS = [label_cmd, analyze_cmd, robustness_cmd]
+    PRED and TRUTH: OME-Zarr stores, folders of label images (matched by file stem) or
+    single PNG/TIFF label images. Truth 255 = ignore. Counts are pooled over the whole
+    mosaics (and over all images of folders), so the numbers do not depend on chunking.
+    """
+    from pathlib import Path
+
+    from .evaluate import evaluate
+    from .plot_eval import plot_evaluation
+
+    names = [c.strip() for c in classes.split(",")] if classes else None
+    with client_for(no_cluster, **cluster) as client:
+        announce(client)
+        ev = evaluate(pred, truth, pred_labels=pred_labels, truth_labels=truth_labels,
+                      classes=names, tolerance=tolerance, image=image, chunk=chunk,
+                      overlay=plots is not None, level=level, max_side=max_side, progress=True)
+    click.echo(ev.table())
+    if json_out:
+        Path(json_out).write_text(ev.to_json())
+        click.echo(f"wrote {json_out}")
+    if plots:
+        files = plot_evaluation(ev, plots)
+        click.echo(f"wrote {len(files)} plots to {plots}")
+
+
+# --- end evaluate ----------------------------------------------------------------
+
+
+COMMANDS = [label_cmd, analyze_cmd, robustness_cmd, evaluate_cmd]

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from . import monitor
 from .errors import InputError, UnsafePathError
 from .profiles import (
     PROFILES,
@@ -110,6 +111,7 @@ def connect(
         with LocalCluster(**kw) as cluster, Client(cluster) as client:
             log.info("local cluster: %d workers x %d threads, dashboard %s", kw["n_workers"],
                      kw["threads_per_worker"], dashboard_link(client))
+            monitor.attach(client)  # worker logs -> driver (semdask logger)
             yield client
         return
     if name in ("address", "scheduler-file"):
@@ -129,6 +131,7 @@ def connect(
     cluster = _build(name, cfg)
     with cluster, Client(cluster) as client:
         log.info("%s cluster %s, dashboard %s", name, cluster, dashboard_link(client))
+        monitor.attach(client)  # worker logs -> driver (semdask logger)
         yield client
 
 
@@ -286,6 +289,7 @@ def _slurm_runner(cfg: dict[str, Any]) -> Iterator[Any]:
         client.wait_for_workers(runner.n_workers)
         log.info("SLURMRunner: %d workers, dashboard %s", runner.n_workers,
                  dashboard_link(client))
+        monitor.attach(client)  # worker logs -> driver (semdask logger)
         yield client
 
 
@@ -304,6 +308,7 @@ def _join(name: str, address: str | None, scheduler_file: str | os.PathLike[str]
         with Client(scheduler_file=str(sf)) as client:
             log.info("joined cluster at %s (dashboard %s)", client.scheduler.address,
                      dashboard_link(client))
+            monitor.attach(client)  # worker logs -> driver (semdask logger)
             yield client
         return
     import dask.config
@@ -315,4 +320,5 @@ def _join(name: str, address: str | None, scheduler_file: str | os.PathLike[str]
                          "tcp://host:8786 (or set DASK_SCHEDULER_ADDRESS)")
     with Client(addr) as client:
         log.info("joined cluster at %s (dashboard %s)", addr, dashboard_link(client))
+        monitor.attach(client)  # worker logs -> driver (semdask logger)
         yield client

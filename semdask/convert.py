@@ -13,6 +13,13 @@ Three kinds of input:
   between two tiles the weights ramp linearly and the seam becomes a linear
   ramp. Fusion is lazy: each output chunk reads only the tile regions overlapping it.
 
+Label images (``labels=``: one file for one image; a folder matched by file stem for
+:func:`convert_each`) are imported as an OME labels group (``labels/truth`` by
+default) with class names, colours and a mode pyramid, ready for ``semdask train
+--labels truth``. Values are class indices; 255 is kept as "ignore" (unlabelled).
+Everything is checked (shape, values, a label for every image) before anything is
+written, and the store is marked complete only once its labels are.
+
 The pixel size comes from vendor tags (FEI/Thermo Fisher, Zeiss, TESCAN) or from
 ``pixel_size_um``; the argument wins over a differing tag (with a warning). The
 generic TIFF resolution tags are not trusted. With no pixel size at all the mosaic
@@ -47,6 +54,15 @@ from dask.base import tokenize
 
 from . import io as sio
 from .errors import InputError, UnsafePathError
+from .labelimport import (
+    IGNORE,
+    LabelledImage,
+    match_labels,
+    open_item,
+    read_classes,
+    resolve_classes,
+)
+from .paths import validate_output_path
 from .readers import IMAGE_SUFFIXES, ImageFile, open_image
 from .tiling import align_up
 
@@ -56,6 +72,7 @@ __all__ = [
     "convert_each",
     "databar_rows",
     "image_to_dask",
+    "read_classes",
     "read_tile_offsets",
 ]
 
@@ -280,8 +297,11 @@ def convert(
     ngff: str = "0.5",
     overwrite: bool = False,
     page: int | None = None,
+    labels: PathLike | None = None,
+    labels_name: str = "truth",
+    classes: Sequence[str] | None = None,
 ) -> sio.Mosaic:
-    """Convert one image, or a tile grid, into an OME-Zarr mosaic.
+    """Convert one image (optionally with its label image), or a tile grid, into OME-Zarr.
 
     Parameters
     ----------
@@ -304,6 +324,15 @@ def convert(
         Replace an existing store.
     page : int, optional
         Page of a multi-page TIFF to convert (single image only).
+    labels : path-like, optional
+        A label image of the same shape (uint8 class indices, 255 = ignore; a
+        palette PNG's indices are used) to store as ``labels/<labels_name>``. With a
+        cropped data bar it may have the cropped or the uncropped shape.
+    labels_name : str
+        Name of the label group (``"truth"``: what ``semdask train`` reads by default).
+    classes : sequence of str, optional
+        Class names by label value (default ``class 0``, ``class 1``, ... up to the
+        largest value found). See :func:`read_classes`.
 
     Returns
     -------
@@ -315,40 +344,90 @@ def convert(
     UnsafePathError
         Missing inputs, or ``out`` exists and ``overwrite`` is False.
     InputError
-        Unreadable images, several images without ``tile_offsets``, bad CSV or options.
+        Unreadable images, several images without ``tile_offsets``, bad CSV or options,
+        labels of another shape or with values outside the classes (nothing is written).
     """
+    edge = _check_options(ngff, chunk)
+    files = _expand(inputs)
+    if tile_offsets is not None:
+        if labels is not None:
+            raise InputError("labels", expected="no label image for a tile grid",
+                             got=str(labels), fix="convert the fused mosaic's labels as "
+                             "one image of the same shape, or drop --labels")
+        image, tag_um, vendor, source = _fuse(files, tile_offsets, crop_databar, edge)
+        px = _pixel_size(tag_um, vendor, pixel_size_um)
+        source["pixel_size_from"] = _px_from(pixel_size_um, tag_um, vendor)
+        return _write(image, out, px, source, None, ngff=ngff, edge=edge, overwrite=overwrite)
+    if len(files) != 1:
+        raise InputError(
+            "inputs", expected="one image (or a tile grid with tile_offsets)",
+            got=f"{len(files)} images",
+            fix="pass --tile-offsets offsets.csv to fuse them, or convert_each()/"
+            "`semdask convert FOLDER OUTDIR` to write one store per image",
+        )
+    lab = None if labels is None else Path(labels).expanduser()
+    if lab is not None and lab.is_dir():
+        lab = match_labels(files, lab)[0]
+    item = open_item(files[0], lambda im: _crop(im, crop_databar), lab, edge, page)
+    cls = resolve_classes([item], classes)
+    return _write_item(item, out, cls, labels_name, pixel_size_um=pixel_size_um, ngff=ngff,
+                       edge=edge, overwrite=overwrite)
+
+
+def _check_options(ngff: str, chunk: int | None) -> int:
     if ngff not in ("0.5", "0.4"):
         raise InputError("ngff", expected="'0.5' or '0.4'", got=repr(ngff))
     if chunk is not None and chunk <= 0:
         raise InputError("chunk", expected="a positive edge in pixels", got=repr(chunk))
-    files = _expand(inputs)
-    edge = chunk or _DEFAULT_CHUNK
-    source: dict[str, Any]
-    if tile_offsets is None:
-        if len(files) != 1:
-            raise InputError(
-                "inputs", expected="one image (or a tile grid with tile_offsets)",
-                got=f"{len(files)} images",
-                fix="pass --tile-offsets offsets.csv to fuse them, or convert_each()/"
-                "`semdask convert FOLDER OUTDIR` to write one store per image",
-            )
-        img, rows = _crop(open_image(files[0], page=page), crop_databar)
-        image = image_to_dask(img, edge)
-        tag_um, vendor = img.pixel_size_um, img.vendor
-        source = {"files": [str(files[0])], "vendor": vendor, "cropped_rows": rows}
-    else:
-        image, tag_um, vendor, source = _fuse(files, tile_offsets, crop_databar, edge)
-    px = _pixel_size(tag_um, vendor, pixel_size_um)
-    source["pixel_size_from"] = "argument" if pixel_size_um is not None else (
-        f"{vendor} tags" if tag_um is not None else None)
+    return chunk or _DEFAULT_CHUNK
+
+
+def _px_from(flag_um: float | None, tag_um: float | None, vendor: str | None) -> str | None:
+    if flag_um is not None:
+        return "argument"
+    return f"{vendor} tags" if tag_um is not None else None
+
+
+def _write(image: da.Array, out: PathLike, px: float | None, source: dict[str, Any],
+           labels: tuple[da.Array, list[str], dict[str, Any], str] | None, *, ngff: str,
+           edge: int, overwrite: bool) -> sio.Mosaic:
+    """Write the image (and labels: the store is complete only once they are)."""
     mosaic = sio.write_image(Path(out), image, pixel_size_um=px, chunk=edge,
                              attrs={"source": source}, overwrite=overwrite)
+    if labels is not None:
+        lab, cls, attrs, name = labels
+        sio.set_complete(mosaic.path, "", False)
+        sio.write_labels(mosaic.path, lab, name=name, classes=cls, attrs=attrs, chunk=edge)
+        sio.set_complete(mosaic.path, "", True)
+        mosaic = sio.open_mosaic(mosaic.path)
     if ngff == "0.4":
         from .export import export_ngff04
 
         dst = Path(str(mosaic.path).removesuffix(".ome.zarr") + ".ngff04.ome.zarr")
         export_ngff04(mosaic.path, dst, overwrite=overwrite)
     return mosaic
+
+
+def _write_item(item: LabelledImage, out: PathLike, classes: list[str] | None, labels_name: str, *,
+                pixel_size_um: float | None, ngff: str, edge: int,
+                overwrite: bool) -> sio.Mosaic:
+    img = item.image
+    source: dict[str, Any] = {"files": [str(img.path)], "vendor": img.vendor,
+                              "cropped_rows": item.rows,
+                              "pixel_size_from": _px_from(pixel_size_um, img.pixel_size_um,
+                                                          img.vendor)}
+    px = _pixel_size(img.pixel_size_um, img.vendor, pixel_size_um)
+    labels = None
+    if item.label is not None and item.counts is not None and classes is not None:
+        lab = image_to_dask(item.label, edge)
+        lab = lab if lab.dtype == np.uint8 else lab.astype(np.uint8)
+        attrs = {"source": {"files": [str(item.label.path)], "imported": True},
+                 "ignore_value": IGNORE, "ignored_pixels": int(item.counts[IGNORE]),
+                 "class_pixels": {c: int(item.counts[i]) for i, c in enumerate(classes)}}
+        labels = (lab, classes, attrs, labels_name)
+        source["labels"] = str(item.label.path)
+    return _write(image_to_dask(img, edge), out, px, source, labels, ngff=ngff, edge=edge,
+                  overwrite=overwrite)
 
 
 def _fuse(
@@ -390,15 +469,21 @@ def _fuse(
 
 
 def convert_each(
-    inputs: Sequence[PathLike] | PathLike, out_dir: PathLike, **kwargs: Any
+    inputs: Sequence[PathLike] | PathLike, out_dir: PathLike, *,
+    labels: PathLike | None = None, labels_name: str = "truth",
+    classes: Sequence[str] | None = None, **kwargs: Any,
 ) -> list[sio.Mosaic]:
     """Convert every image of ``inputs`` (files and/or folders) to ``OUT_DIR/<stem>.ome.zarr``.
 
-    Keyword arguments are those of :func:`convert` (except ``tile_offsets``).
+    ``labels`` is a folder of label images matched by file stem (every image needs
+    one; all are checked before anything is written), stored as
+    ``labels/<labels_name>`` with one shared class list. Other keyword arguments
+    are those of :func:`convert` (except ``tile_offsets``).
     """
     if kwargs.get("tile_offsets") is not None:
         raise InputError("tile_offsets", expected="None for convert_each",
                          got=repr(kwargs["tile_offsets"]), fix="use convert() for a tile grid")
+    kwargs.pop("tile_offsets", None)
     files = _expand(inputs)
     stems = [f.stem for f in files]
     dupes = sorted({s for s in stems if stems.count(s) > 1})
@@ -408,5 +493,21 @@ def convert_each(
     root = Path(out_dir).expanduser()
     if root.exists() and not root.is_dir():
         raise UnsafePathError(f"{root}", expected="a folder for the stores", got="a file")
+    if labels is None:
+        root.mkdir(parents=True, exist_ok=True)
+        return [convert([f], root / f"{f.stem}.ome.zarr", **kwargs) for f in files]
+    edge = _check_options(kwargs.get("ngff", "0.5"), kwargs.get("chunk"))
+    matched = match_labels(files, Path(labels).expanduser())
+    overwrite = bool(kwargs.get("overwrite", False))
+    if not overwrite:  # refuse before anything is written (overwrite deletes only later)
+        for q in (root / f"{f.stem}.ome.zarr" for f in files):
+            if q.exists() or q.is_symlink():
+                validate_output_path(q, overwrite=False)
+    crop = kwargs.get("crop_databar", False)
+    items = [open_item(f, lambda im: _crop(im, crop), lab, edge, kwargs.get("page"))
+             for f, lab in zip(files, matched, strict=True)]
+    cls = resolve_classes(items, classes)
     root.mkdir(parents=True, exist_ok=True)
-    return [convert([f], root / f"{f.stem}.ome.zarr", **kwargs) for f in files]
+    return [_write_item(it, root / f"{f.stem}.ome.zarr", cls, labels_name,
+                        pixel_size_um=kwargs.get("pixel_size_um"), ngff=kwargs.get("ngff", "0.5"),
+                        edge=edge, overwrite=overwrite) for f, it in zip(files, items, strict=True)]

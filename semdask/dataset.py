@@ -1,15 +1,18 @@
 """Training patches read lazily from OME-Zarr mosaics (torchgeo style: sampler + dataset).
 
-:class:`WindowSampler` yields window coordinates ``(store, y, x)`` only, inside
-allowed regions: the training split excludes a held-out band of rows at the
-bottom of every mosaic (``val_fraction``), the validation split uses only that
-band, so training and validation windows never share a pixel.
+Samplers (:mod:`semdask.samplers`, re-exported here) yield window coordinates
+``(store, y, x)`` only, inside the training or validation part of a leak-free
+split. :class:`PatchDataset` turns a coordinate into ``(image, label)`` tensors
+(``(image, label, weight)`` with per-pixel ``weights``). It opens its stores
+lazily once per process (DataLoader workers never receive open handles), reads
+whole cache tiles (zarr reads cost ~1 ms per call, so windows are sliced from a
+bounded per-process LRU of decoded tiles; small stores end up fully in memory)
+and normalises with each mosaic's global statistics. Batched augmentation on the
+training device lives in :mod:`semdask.augment`; :func:`augment` here is the
+per-patch numpy variant (flips/rot90 + intensity jitter) kept for ``augment=True``.
 
-:class:`PatchDataset` turns a coordinate into ``(image, label)`` tensors. It opens
-its stores lazily once per process (DataLoader workers never receive open
-handles), reads whole cache tiles (zarr reads cost ~1 ms per call, so windows are
-sliced from a bounded per-process LRU of decoded tiles; small stores end up fully
-in memory), normalises with each mosaic's global statistics and augments.
+Label values ``>= n_classes`` (255 = unlabelled/ignore) become ``-100``, torch's
+``ignore_index``.
 
 Examples
 --------
@@ -20,108 +23,28 @@ Examples
 
 from __future__ import annotations
 
+import copy
+import logging
+import math
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import InputError
+from .errors import InputError, StoreError
 from .normalise import NormStats, apply, compute_stats
+from .samplers import ClassMaps, WindowSampler, split_rows
 
-__all__ = ["PatchDataset", "WindowSampler", "augment", "split_rows"]
+__all__ = ["IGNORE_INDEX", "PatchDataset", "WindowSampler", "augment", "split_rows"]
+
+log = logging.getLogger(__name__)
 
 Coord = tuple[int, int, int]
-
-
-def split_rows(height: int, val_fraction: float, split: str) -> tuple[int, int]:
-    """Rows ``[r0, r1)`` of a mosaic allowed for ``split`` (validation = bottom band)."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise InputError("val_fraction", expected="a fraction in [0, 1)", got=str(val_fraction))
-    cut = round(height * (1.0 - val_fraction))
-    if split == "train":
-        return 0, cut
-    if split == "val":
-        return cut, height
-    raise InputError("split", expected="'train' or 'val'", got=repr(split))
-
-
-class WindowSampler(torch.utils.data.Sampler[Coord]):
-    """Seeded window coordinates ``(store index, y, x)`` inside one split.
-
-    Parameters
-    ----------
-    shapes : sequence of (int, int)
-        Level-0 ``(height, width)`` of every store.
-    window : int
-        Window edge in pixels.
-    split : {"train", "val"}
-        Training rows (top) or the held-out validation band (bottom ``val_fraction``).
-    val_fraction : float
-        Height fraction of the validation band of every store.
-    length : int, optional
-        Windows per pass in ``"random"`` mode (default: enough to cover the area once).
-    mode : {"random", "grid"}, optional
-        Random windows (stores weighted by area) or a deterministic grid covering the
-        region (windows at stride ``window``, the last one flush with the edge).
-        Default: random for train, grid for val.
-    seed : int
-        Seed; pass ``epoch`` with :meth:`set_epoch` for a new reproducible pass.
-    """
-
-    def __init__(self, shapes: Sequence[tuple[int, int]], window: int, *,
-                 split: Literal["train", "val"] = "train", val_fraction: float = 0.2,
-                 length: int | None = None, mode: Literal["random", "grid"] | None = None,
-                 seed: int = 0) -> None:
-        self.window, self.split, self.seed, self.epoch = int(window), split, int(seed), 0
-        self.mode = mode or ("random" if split == "train" else "grid")
-        self.regions: list[tuple[int, int, int, int]] = []  # store, r0, r1, width
-        for i, (h, w) in enumerate(shapes):
-            r0, r1 = split_rows(int(h), val_fraction, split)
-            if r1 - r0 >= self.window and w >= self.window:
-                self.regions.append((i, r0, r1, int(w)))
-        if not self.regions:
-            raise InputError(f"{split} region", expected=f"at least one store whose {split} "
-                             f"rows fit a {window}-px window", got=f"shapes {list(shapes)}, "
-                             f"val_fraction={val_fraction}",
-                             fix="use a smaller window or val_fraction, or larger mosaics")
-        area = np.array([(r1 - r0 - self.window + 1) * (w - self.window + 1)
-                         for _, r0, r1, w in self.regions], dtype=np.float64)
-        self._p = area / area.sum()
-        full = sum((r1 - r0) * w for _, r0, r1, w in self.regions) // self.window ** 2
-        self.length = int(length) if length is not None else max(1, int(full))
-
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next pass the (reproducible) pass number ``epoch``."""
-        self.epoch = int(epoch)
-
-    def _grid(self) -> Iterator[Coord]:
-        w = self.window
-        for i, r0, r1, width in self.regions:
-            ys = [*range(r0, r1 - w + 1, w)]
-            xs = [*range(0, width - w + 1, w)]
-            ys += [r1 - w] if ys[-1] != r1 - w else []
-            xs += [width - w] if xs[-1] != width - w else []
-            for y in ys:
-                for x in xs:
-                    yield i, y, x
-
-    def __iter__(self) -> Iterator[Coord]:
-        if self.mode == "grid":
-            yield from self._grid()
-            return
-        rng = np.random.default_rng([self.seed, self.epoch])
-        picks = rng.choice(len(self.regions), size=self.length, p=self._p)
-        w = self.window
-        for k in picks:
-            i, r0, r1, width = self.regions[int(k)]
-            yield i, int(rng.integers(r0, r1 - w + 1)), int(rng.integers(0, width - w + 1))
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self._grid()) if self.mode == "grid" else self.length
+IGNORE_INDEX = -100
 
 
 def augment(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator
@@ -152,8 +75,23 @@ def augment(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator
     return np.ascontiguousarray(img, dtype=np.float32), np.ascontiguousarray(lab)
 
 
-class PatchDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """``(image (1, w, w) float32, label (w, w) int64)`` for a coordinate ``(store, y, x)``.
+def _check_weights(path: Path, name: str, shape: tuple[int, ...]) -> None:
+    from .io import open_extra_image
+
+    try:
+        got = tuple(open_extra_image(path, name).shape)
+    except StoreError as e:
+        raise InputError(f"weights {name!r} in {path}", expected="a (y, x) weight image group, "
+                         "e.g. <labels>-confidence written by semdask label", got=str(e.got),
+                         fix="run semdask label on every training store, or drop --weights"
+                         ) from None
+    if got != shape:
+        raise InputError(f"weights {name!r} in {path}", expected=f"shape {shape}",
+                         got=f"shape {got}")
+
+
+class PatchDataset(torch.utils.data.Dataset[tuple[torch.Tensor, ...]]):
+    """``(image (1, w, w) float32, label (w, w) int64[, weight (w, w) float32])`` per window.
 
     Parameters
     ----------
@@ -167,25 +105,33 @@ class PatchDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
         Mosaic-wide normalisation per store; computed here (once, in the calling
         process) from ``low_percentile``/``high_percentile`` when not given.
     augment : bool
-        Apply :func:`augment` (training) or not (validation).
+        Apply the numpy :func:`augment` per patch (training) or not.
     tile : int
         Edge of the cached read tiles (whole tiles are read and cached).
     cache_mb : float
-        Per-process LRU budget for decoded tiles (image + labels).
+        Per-process LRU budget for decoded tiles (image, labels and weights).
+    weights : str, optional
+        Sibling image group with per-pixel training weights, e.g. the
+        ``<name>-confidence`` written by ``semdask label``; items gain a third
+        float32 tensor (0 where the label is ignored).
 
     Label values ``>= n_classes`` (e.g. 255 for unlabelled) become ``-100``, the
-    cross-entropy ``ignore_index``.
+    cross-entropy ``ignore_index``. Stores whose pixel sizes differ by more than
+    10 % are accepted with a warning (``pixel_sizes`` records them all).
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike[str]], *, labels: str = "truth",
                  window: int = 256, stats: Sequence[NormStats] | None = None,
                  augment: bool = False, low_percentile: float = 0.5,
                  high_percentile: float = 99.5, tile: int = 1024,
-                 cache_mb: float = 512.0) -> None:
+                 cache_mb: float = 512.0, weights: str | None = None) -> None:
         from .io import open_labels, open_mosaic
 
         self.paths = [Path(p) for p in paths]
+        if not self.paths:
+            raise InputError("stores", expected="at least one OME-Zarr mosaic", got="none")
         self.labels, self.window, self.augment = labels, int(window), bool(augment)
+        self.weights = weights
         self.tile = max(int(tile), self.window)
         self.cache_bytes = int(cache_mb * 2**20)
         mosaics = [open_mosaic(p) for p in self.paths]
@@ -196,9 +142,20 @@ class PatchDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
             if tuple(lab.data.shape) != tuple(m.image.shape):
                 raise InputError(f"{p} labels/{labels}", expected=f"shape {m.image.shape}",
                                  got=f"shape {lab.data.shape}")
+            if lab.classes != labs[0].classes:
+                raise InputError(f"{p} labels/{labels} classes", expected=str(labs[0].classes),
+                                 got=str(lab.classes), fix="train on stores labelled alike")
+            if weights is not None:
+                _check_weights(p, weights, tuple(m.image.shape))
         self.classes = list(labs[0].classes)
         self.colours = [tuple(int(v) for v in c) for c in labs[0].colours]
+        self.pixel_sizes = [m.pixel_size_um for m in mosaics]
         self.pixel_size_um = mosaics[0].pixel_size_um
+        known = [float(p) for p in self.pixel_sizes if p]
+        if known and max(known) > 1.1 * min(known):
+            log.warning("training stores have different pixel sizes (%s um): the model learns "
+                        "a mixture of scales; rescale them (semdask convert --pixel-size) or "
+                        "use magnification augmentation", ", ".join(f"{p:g}" for p in known))
         if stats is None:
             stats = [compute_stats(m.image, low_percentile, high_percentile) for m in mosaics]
         if len(stats) != len(self.paths):
@@ -206,7 +163,7 @@ class PatchDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
                              got=f"{len(stats)}")
         self.stats = list(stats)
         self._pid = -1
-        self._arrays: list[tuple[Any, Any]] = []
+        self._arrays: list[tuple[Any, ...]] = []
         self._cache: OrderedDict[tuple[int, int, int, int], np.ndarray] = OrderedDict()
         self._cached = 0
         self._rng: np.random.Generator | None = None
@@ -219,10 +176,11 @@ class PatchDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return state
 
     def _open(self) -> None:
-        from .io import open_labels, open_mosaic
+        from .io import open_extra_image, open_labels, open_mosaic
 
         if self._pid != os.getpid():
-            self._arrays = [(open_mosaic(p).image, open_labels(p, self.labels).data)
+            self._arrays = [(open_mosaic(p).image, open_labels(p, self.labels).data,
+                             *([open_extra_image(p, self.weights)] if self.weights else []))
                             for p in self.paths]
             self._cache, self._cached, self._pid = OrderedDict(), 0, os.getpid()
 
@@ -244,7 +202,7 @@ class PatchDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return block
 
     def read(self, store: int, y: int, x: int, kind: int = 0) -> np.ndarray:
-        """Raw window (``kind`` 0: image, 1: labels) assembled from cached tiles."""
+        """Raw window (``kind`` 0: image, 1: labels, 2: weights) assembled from cached tiles."""
         self._open()
         w, t = self.window, self.tile
         h_img, w_img = self.shapes[store]
@@ -261,18 +219,50 @@ class PatchDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
             rows.append(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
         return np.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
 
+    def class_maps(self, *, scale: int | None = None, max_pixels: int = 1 << 24) -> ClassMaps:
+        """Low-resolution label maps for balanced sampling and class frequencies.
+
+        Reads the coarsest pyramid level not coarser than ``scale`` (default: an
+        eighth of the window, at least 1 px) and strides it down to ``scale``;
+        ``scale`` grows until every map has at most ``max_pixels`` pixels.
+        """
+        from .io import open_labels
+
+        s = 2 ** max(0, int(math.log2(max(1, scale or self.window // 8))))
+        while max(h * w for h, w in self.shapes) > max_pixels * s * s:
+            s *= 2
+        maps = []
+        for p in self.paths:
+            lab = open_labels(p, self.labels)
+            lvl = max(i for i in range(lab.levels) if 2 ** i <= s)
+            step = s // 2 ** lvl
+            arr = np.asarray(lab.level(lvl)[::step, ::step].compute(scheduler="synchronous"))
+            maps.append(arr.astype(np.uint8, copy=False))
+        return ClassMaps(tuple(maps), s, len(self.classes))
+
     def _generator(self) -> np.random.Generator:
         key = (os.getpid(), torch.initial_seed())
         if self._rng is None or key != self._rng_key:
             self._rng, self._rng_key = np.random.default_rng(key[1] % 2**63), key
         return self._rng
 
-    def __getitem__(self, index: Coord) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: Coord) -> tuple[torch.Tensor, ...]:
         store, y, x = (int(v) for v in index)
         img = apply(self.read(store, y, x, 0), self.stats[store])
         lab = self.read(store, y, x, 1)
+        wgt = self.read(store, y, x, 2) if self.weights else None
         if self.augment:
-            img, lab = augment(img, lab, self._generator())
+            rng = self._generator()
+            twin = copy.deepcopy(rng)  # replays augment's geometry draws for the weights
+            img, lab = augment(img, lab, rng)
+            if wgt is not None:
+                wgt = np.rot90(wgt, int(twin.integers(4)))
+                wgt = wgt[:, ::-1] if twin.random() < 0.5 else wgt
         target = lab.astype(np.int64)
-        target[target >= len(self.classes)] = -100
-        return torch.from_numpy(np.ascontiguousarray(img)[None]), torch.from_numpy(target)
+        target[target >= len(self.classes)] = IGNORE_INDEX
+        out = [torch.from_numpy(np.ascontiguousarray(img)[None]), torch.from_numpy(target)]
+        if self.weights:
+            w = np.nan_to_num(np.asarray(wgt, dtype=np.float32), nan=0.0)
+            w[target == IGNORE_INDEX] = 0.0
+            out.append(torch.from_numpy(np.ascontiguousarray(w)))
+        return tuple(out)

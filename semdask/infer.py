@@ -49,6 +49,7 @@ __all__ = [
     "confidence_from_probs",
     "labels_from_probs",
     "plan_inference",
+    "symmetric_pad",
 ]
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def plan_inference(
     window: int = 256,
     overlap: float = 0.25,
     chunk: int = 1536,
-    receptive_field: int = 188,
+    receptive_field: int = 204,
     blend: str = "gaussian",
 ) -> InferencePlan:
     """Derive stride, halo, chunk edge and global padding from the parameters.
@@ -154,9 +155,11 @@ def _chunk_task(
     batch_size: int,
     device: str,
     activation: str = "softmax",
+    tta: bool = False,
+    spread: bool = False,
     block_id: tuple[int, ...] | None = None,
 ) -> np.ndarray:
-    from .predict import predict_whole, predict_windows, resolve_device
+    from .predict import predict_whole, predict_windows, resolve_device, tune_allocator
 
     assert block_id is not None
     iy, ix = block_id[-2], block_id[-1]
@@ -164,14 +167,21 @@ def _chunk_task(
     cy0, cx0 = sum(ych[:iy]), sum(xch[:ix])
     cy1, cx1 = cy0 + ych[iy], cx0 + xch[ix]
     dev = resolve_device(device)
-    if isinstance(model, str):  # the usual case: each worker process loads the file once
-        from .model import get_model
-
-        model = get_model(model, dev)[0]
-    else:
-        model = model.to(dev)
+    tune_allocator()
     x = normalise(block, stats)
     h = plan.halo
+    if isinstance(model, tuple) or tta or spread:  # ensemble / TTA (semdask.ensemble)
+        from .ensemble import predict_members
+
+        window = plan.mode == "window"
+        return predict_members(
+            x, [_member(m, dev) for m in (model if isinstance(model, tuple) else (model,))],
+            mode=plan.mode, origin=(cy0 - h, cx0 - h),
+            core=(cy0, cy1, cx0, cx1) if window else (h, h + cy1 - cy0, h, h + cx1 - cx0),
+            window=plan.window, stride=plan.stride, weights=_weights(plan.window, plan.blend),
+            tta=tta, spread=spread, batch_size=batch_size, device=dev, precision=precision,
+            channels_last=dev.type == "cuda" or not window, activation=activation)
+    model = _member(model, dev)
     if plan.mode == "window":
         return predict_windows(
             x, model, origin=(cy0 - h, cx0 - h), core=(cy0, cy1, cx0, cx1),
@@ -180,6 +190,21 @@ def _chunk_task(
             channels_last=dev.type == "cuda", activation=activation)
     return predict_whole(x, model, core=(h, h + cy1 - cy0, h, h + cx1 - cx0), device=dev,
                          precision=precision, channels_last=True, activation=activation)
+
+
+def _member(model: Any, dev: Any) -> Any:
+    if isinstance(model, str):  # the usual case: each worker process loads the file once
+        from .model import get_model
+
+        return get_model(model, dev)[0]
+    return model.to(dev)
+
+
+def _as_task_model(model: Any) -> Any:
+    """A path travels as a string, an ensemble as a tuple; modules as they are."""
+    if isinstance(model, (list, tuple)):
+        return tuple(_as_task_model(m) for m in model)
+    return str(model) if isinstance(model, (str, os.PathLike)) else model
 
 
 def blended_probs(
@@ -194,6 +219,8 @@ def blended_probs(
     batch_size: int | str | None = None,
     device: str = "auto",
     activation: str = "softmax",
+    tta: bool = False,
+    spread: bool = False,
 ) -> da.Array:
     """Class probabilities ``(C, y, x)`` float32 of a whole mosaic, lazily.
 
@@ -201,10 +228,18 @@ def blended_probs(
     ----------
     image : dask.array.Array, (y, x)
         The mosaic at native dtype (normalised inside the kernel with ``stats``).
-    model : str or torch.nn.Module
+    model : str, torch.nn.Module, or a list of them
         A safetensors model file readable by every worker (loaded once per worker
         process), or an in-memory module (for tests and the threaded scheduler: a
-        module is pickled into every task on a distributed cluster).
+        module is pickled into every task on a distributed cluster). A list is an
+        ensemble: every member runs on the same windows and the probabilities are
+        averaged (:func:`semdask.ensemble.predict_members`).
+    tta : bool
+        Test-time augmentation: also average over the 8 D4 views of every window
+        (whole-chunk mode: of every block).
+    spread : bool
+        Append one channel: the uncertainty (std across members x views of the
+        predicted class's probability, :mod:`semdask.ensemble`); ``(C + 1, y, x)``.
     n_classes : int
         Output classes of the model.
     stats : NormStats
@@ -230,20 +265,47 @@ def blended_probs(
     # the inner ones get their halo from their neighbours (boundary "none").
     h = plan.halo
     pad = [(h, p - s + h) for p, s in zip(plan.padded_shape, plan.shape, strict=True)]
-    x = da.pad(image, pad, mode="symmetric") if h or any(p[1] for p in pad) else image
+    x = symmetric_pad(image, pad) if h or any(p[1] for p in pad) else image
     x = x.rechunk(tuple(_with_pad(c, h) for c in plan.chunks))
     task = functools.partial(
-        _chunk_task, plan=plan, model=str(model) if isinstance(model, (str, os.PathLike))
-        else model, model_sha=model_sha, stats=stats,
+        _chunk_task, plan=plan, model=_as_task_model(model), model_sha=model_sha, stats=stats,
         precision=str(precision), batch_size=int(batch_size), device=device,
-        activation=activation)
+        activation=activation, tta=bool(tta), spread=bool(spread))
     probs = da.map_overlap(
         task, x, depth=h, boundary="none", trim=False, new_axis=0,
-        chunks=((n_classes,), *plan.chunks), dtype=np.float32,
+        chunks=((n_classes + bool(spread),), *plan.chunks), dtype=np.float32,
         meta=np.empty((0, 0, 0), np.float32), name="semdask-infer")
     if plan.padded_shape != plan.shape:
         probs = probs[:, : plan.shape[0], : plan.shape[1]]
     return probs
+
+
+def symmetric_pad(image: da.Array, pad: list[tuple[int, int]]) -> da.Array:
+    """Mirror-symmetric padding of any width, identical to ``np.pad(mode="symmetric")``.
+
+    ``dask.array.pad`` cannot reflect more than the array's own extent; wider pads
+    (mosaics smaller than a halo) are built in steps, each at most the current size,
+    which is what numpy does too.
+
+    Examples
+    --------
+    >>> x = np.arange(5)
+    >>> bool((symmetric_pad(da.from_array(x), [(12, 9)]).compute()
+    ...       == np.pad(x, (12, 9), mode="symmetric")).all())
+    True
+    """
+    x = image
+    todo = [list(p) for p in pad]
+    size = image.shape
+    while any(b or a for b, a in todo):
+        step = []
+        for ax, (b, a) in enumerate(todo):
+            n = size[ax]  # numpy's period: every step reflects at most the original extent
+            sb, sa = min(b, n), min(a, n)
+            step.append((sb, sa))
+            todo[ax] = [b - sb, a - sa]
+        x = da.pad(x, step, mode="symmetric")
+    return x
 
 
 def _with_pad(chunks: tuple[int, ...], halo: int) -> tuple[int, ...]:

@@ -1,8 +1,11 @@
-"""The U-Net of the paper (section 3.2) in plain PyTorch, and its safe file format.
+"""Segmentation networks (the paper's U-Net, a residual U-Net) and their safe file format.
 
 A model is one ``.safetensors`` file: the weights, plus the :class:`ModelConfig`
 as JSON in the safetensors header metadata (the authoritative copy). A ``.yaml``
-sidecar repeats the config for humans. Loading never unpickles anything.
+sidecar repeats the config for humans. Loading never unpickles anything. The
+config's ``architecture`` picks the class (:data:`ARCHITECTURES`: ``"unet"``, the
+paper's, or ``"resunet"``, :class:`semdask.resunet.ResUNet`); :func:`build_model`
+builds it from the config.
 
 Examples
 --------
@@ -22,23 +25,35 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from torch import nn
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from .errors import ModelError
+from .resunet import ResUNet
+from .unet import DEFAULT_DROPOUT, DEFAULT_WIDTHS, UNet
+from .unet import _interval as _interval  # re-exported for the tests
 
 __all__ = [
+    "ARCHITECTURES",
     "DEFAULT_DROPOUT",
     "DEFAULT_WIDTHS",
     "ModelConfig",
+    "Net",
     "Normalisation",
+    "ResUNet",
     "UNet",
+    "build_model",
     "bundled_model_path",
     "get_model",
     "load_model",
@@ -49,8 +64,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WIDTHS = (16, 32, 64, 128, 256)
-DEFAULT_DROPOUT = (0.1, 0.1, 0.2, 0.2, 0.3)
 _META_KEY = "semdask"
 _CONVERT = (
     "convert it once on a trusted machine:\n"
@@ -59,133 +72,20 @@ _CONVERT = (
     "    semdask.model.save_model(net, semdask.model.ModelConfig(...), 'model.safetensors')"
 )
 
-
-class _Block(nn.Module):
-    """Two 3x3 convolutions (padding 1) with ReLU; dropout between them (Keras U-Net)."""
-
-    def __init__(self, cin: int, cout: int, p: float) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.drop = nn.Dropout(p)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.conv1(x))
-        return torch.relu(self.conv2(self.drop(x)))
+Net = UNet | ResUNet
+"""Any semdask segmentation network."""
+ARCHITECTURES: dict[str, type[UNet] | type[ResUNet]] = {"unet": UNet, "resunet": ResUNet}
 
 
-class UNet(nn.Module):
-    """U-Net: encoder (conv blocks + 2x2 max-pool), decoder (2x2 transposed conv + skip).
-
-    Parameters
-    ----------
-    in_channels : int
-        Input channels (1 for a grey SEM image).
-    n_classes : int
-        Output channels (logits; softmax is applied by the caller).
-    widths : sequence of int
-        Channels per level, shallowest first; ``len(widths)`` is the depth. Inputs
-        must be multiples of ``2 ** (depth - 1)`` pixels.
-    dropout : sequence of float
-        Dropout per level (mirrored in the decoder).
-    """
-
-    def __init__(self, in_channels: int = 1, n_classes: int = 4,
-                 widths: Sequence[int] = DEFAULT_WIDTHS,
-                 dropout: Sequence[float] | None = None) -> None:
-        super().__init__()
-        widths = tuple(int(w) for w in widths)
-        if dropout is None:
-            dropout = (DEFAULT_DROPOUT + (0.3,) * len(widths))[: len(widths)]
-        dropout = tuple(float(p) for p in dropout)
-        if len(widths) < 1 or len(dropout) != len(widths) or min(widths) < 1:
-            raise ModelError("UNet widths/dropout", expected="one positive width and one "
-                             "dropout rate per level", got=f"widths={widths}, dropout={dropout}")
-        self.in_channels, self.n_classes = int(in_channels), int(n_classes)
-        self.widths, self.dropout = widths, dropout
-        cins = (self.in_channels, *widths[:-1])
-        self.enc = nn.ModuleList(_Block(ci, w, p) for ci, w, p in zip(cins, widths, dropout,
-                                                                        strict=True))
-        self.pool = nn.MaxPool2d(2)
-        self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
-                                for i in range(len(widths) - 1))
-        self.dec = nn.ModuleList(_Block(2 * widths[i], widths[i], dropout[i])
-                                 for i in range(len(widths) - 1))
-        self.head = nn.Conv2d(widths[0], self.n_classes, 1)
-
-    @property
-    def depth(self) -> int:
-        """Number of levels (pooling steps + 1)."""
-        return len(self.widths)
-
-    @property
-    def multiple(self) -> int:
-        """Input height and width must be multiples of this."""
-        return int(2 ** (self.depth - 1))
-
-    def kwargs(self) -> dict[str, Any]:
-        """Constructor arguments (for :class:`ModelConfig`)."""
-        return {"in_channels": self.in_channels, "n_classes": self.n_classes,
-                "widths": list(self.widths), "dropout": list(self.dropout)}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(n, n_classes, h, w)`` for ``(n, in_channels, h, w)``."""
-        m = self.multiple
-        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] % m or x.shape[3] % m:
-            raise ModelError("UNet input", expected=f"(n, {self.in_channels}, h, w) with h and "
-                             f"w multiples of {m}", got=f"shape {tuple(x.shape)}",
-                             fix=f"pad the image to a multiple of {m} px (reflect)")
-        skips = []
-        for i, block in enumerate(self.enc):
-            x = block(x if i == 0 else self.pool(x))
-            skips.append(x)
-        for i in reversed(range(self.depth - 1)):
-            x = self.dec[i](torch.cat([skips[i], self.up[i](x)], dim=1))
-        return self.head(x)
-
-
-def _conv_back(conv: nn.Module, a: int, b: int) -> tuple[int, int]:
-    k, p = int(conv.kernel_size[0]), int(conv.padding[0])  # type: ignore[index]
-    return a - p, b + (k - 1 - p)
-
-
-def _interval(model: UNet, p: int) -> tuple[int, int]:
-    """Input columns ``[lo, hi]`` that can influence output column ``p`` (exact, 1-D)."""
-
-    def block_back(block: _Block, a: int, b: int) -> tuple[int, int]:
-        return _conv_back(block.conv1, *_conv_back(block.conv2, a, b))
-
-    def enc(level: int, a: int, b: int) -> tuple[int, int]:
-        a, b = block_back(model.enc[level], a, b)  # type: ignore[arg-type]
-        return (a, b) if level == 0 else enc(level - 1, 2 * a, 2 * b + 1)
-
-    def dec(level: int, a: int, b: int) -> tuple[int, int]:
-        if level == model.depth - 1:
-            return enc(level, a, b)
-        a, b = block_back(model.dec[level], a, b)  # type: ignore[arg-type]
-        up: Any = model.up[level]
-        k, s, pad = int(up.kernel_size[0]), int(up.stride[0]), int(up.padding[0])
-        ua, ub = -(-(a - (k - 1) + pad) // s), (b + pad) // s
-        (ea, eb), (da, db) = enc(level, a, b), dec(level + 1, ua, ub)
-        return min(ea, da), max(eb, db)
-
-    return dec(0, p, p)
-
-
-def receptive_field(model: UNet, *, at: int | None = None) -> int:
+def receptive_field(model: Net, *, at: int | None = None) -> int:
     """Receptive field edge in pixels: the widest input span that reaches one output pixel.
 
-    Computed analytically by propagating an output pixel's interval back through
-    every conv, pool and transposed conv (both skip and deep paths). The span
-    depends on the pixel's position modulo ``2 ** (depth - 1)`` (pooling
-    alignment): for the default net it is 188 px at positions 0, 1, 14, 15 (mod 16)
-    and 204 px elsewhere. ``at=None`` gives the maximum over positions (use it for
-    halos); ``at=p`` the span for output column ``p``.
+    Exact (analytic) for both architectures: see :meth:`UNet.receptive_field
+    <semdask.unet.UNet.receptive_field>` and :meth:`ResUNet.receptive_field
+    <semdask.resunet.ResUNet.receptive_field>`. ``at=None`` gives the maximum over
+    output positions (use it for halos); ``at=p`` the span for output column ``p``.
     """
-    if at is not None:
-        lo, hi = _interval(model, int(at))
-        return hi - lo + 1
-    return max(receptive_field(model, at=p) for p in range(model.multiple))
+    return model.receptive_field(at=at)
 
 
 class Normalisation(BaseModel):
@@ -197,11 +97,18 @@ class Normalisation(BaseModel):
 
 
 class ModelConfig(BaseModel):
-    """Everything needed to use a model on new data (stored in the weights file)."""
+    """Everything needed to use a model on new data (stored in the weights file).
+
+    ``architecture`` (alias ``arch``) names the class in :data:`ARCHITECTURES` and
+    ``kwargs`` (alias ``arch_params``) its constructor arguments; files written
+    before ResUNet existed say ``"unet"`` and load unchanged.
+    """
 
     model_config = ConfigDict(extra="forbid")
-    architecture: Literal["unet"] = "unet"
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    architecture: Literal["unet", "resunet"] = Field(
+        "unet", validation_alias=AliasChoices("architecture", "arch"))
+    kwargs: dict[str, Any] = Field(default_factory=dict,
+                                   validation_alias=AliasChoices("kwargs", "arch_params"))
     classes: list[str] = Field(default_factory=lambda: ["pore", "Ni", "NiO", "YSZ"])
     colours: list[tuple[int, int, int, int]] = Field(default_factory=list)
     pixel_size_um: float | None = None
@@ -225,14 +132,51 @@ class ModelConfig(BaseModel):
             raise ValueError(f"{len(self.colours)} colours for {self.n_classes} classes")
         return self
 
+    @property
+    def arch(self) -> str:
+        """Same as ``architecture``."""
+        return self.architecture
+
+    @property
+    def arch_params(self) -> dict[str, Any]:
+        """Same as ``kwargs``."""
+        return self.kwargs
+
     @classmethod
-    def for_model(cls, model: UNet, **fields: Any) -> ModelConfig:
-        """A config for ``model`` (kwargs, channels and receptive field filled in)."""
-        return cls(kwargs=model.kwargs(), in_channels=model.in_channels,
-                   n_classes=model.n_classes, receptive_field=receptive_field(model), **fields)
+    def for_model(cls, model: Net, **fields: Any) -> ModelConfig:
+        """A config for ``model`` (architecture, kwargs, channels, receptive field filled in)."""
+        return cls(architecture=_arch_of(model), kwargs=model.kwargs(),
+                   in_channels=model.in_channels, n_classes=model.n_classes,
+                   receptive_field=receptive_field(model), **fields)
 
 
-def save_model(model: UNet, config: ModelConfig, path: str | os.PathLike[str]) -> Path:
+def _arch_of(model: Net) -> Literal["unet", "resunet"]:
+    if isinstance(model, UNet):
+        return "unet"
+    if isinstance(model, ResUNet):
+        return "resunet"
+    raise ModelError(f"model of type {type(model).__name__}", expected="one of "
+                     + ", ".join(c.__name__ for c in ARCHITECTURES.values()))
+
+
+def build_model(config: ModelConfig) -> Net:
+    """A freshly initialised network of ``config.architecture`` built with ``config.kwargs``.
+
+    Examples
+    --------
+    >>> build_model(ModelConfig(arch="resunet", arch_params={"layers": [1], "widths": [8],
+    ...                         "stem_width": 4})).multiple
+    2
+    """
+    try:
+        return ARCHITECTURES[config.architecture](**config.kwargs)
+    except TypeError as e:
+        raise ModelError(f"{config.architecture} kwargs", expected="constructor arguments of "
+                         f"{ARCHITECTURES[config.architecture].__name__}",
+                         got=str(e)) from None
+
+
+def save_model(model: Net, config: ModelConfig, path: str | os.PathLike[str]) -> Path:
     """Write ``model`` to a ``.safetensors`` file (config in the header) + ``.yaml`` sidecar.
 
     Returns the path of the weights file. Both files are written atomically.
@@ -243,8 +187,9 @@ def save_model(model: UNet, config: ModelConfig, path: str | os.PathLike[str]) -
     if path.suffix != ".safetensors":
         raise ModelError(str(path), expected="a .safetensors file name", got=path.suffix or
                          "no suffix", fix=f"use {path.with_suffix('.safetensors')}")
-    if dict(config.kwargs) != model.kwargs():
-        config = config.model_copy(update={"kwargs": model.kwargs()})
+    if dict(config.kwargs) != model.kwargs() or config.architecture != _arch_of(model):
+        config = config.model_copy(update={"kwargs": model.kwargs(),
+                                           "architecture": _arch_of(model)})
     if config.receptive_field != receptive_field(model):
         config = config.model_copy(update={"receptive_field": receptive_field(model)})
     ModelConfig.model_validate(config.model_dump())
@@ -290,7 +235,7 @@ def _sniff(path: Path) -> None:
 
 
 def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
-               ) -> tuple[UNet, ModelConfig]:
+               ) -> tuple[Net, ModelConfig]:
     """Load a model saved by :func:`save_model`, in eval mode on ``device``.
 
     Raises
@@ -316,7 +261,7 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
                          fix="save it with semdask.model.save_model(model, config, path)")
     try:
         config = ModelConfig.model_validate_json(meta[_META_KEY])
-        model = UNet(**config.kwargs)
+        model = build_model(config)
     except (ValidationError, TypeError, ValueError) as e:
         raise ModelError(f"{path} config", expected="a valid semdask ModelConfig",
                          got=str(e).splitlines()[0]) from None
@@ -328,7 +273,8 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
         detail = ", ".join(f"{k}: {got.get(k, 'missing')} (config {want.get(k, 'none')})"
                            for k in diff[:4])
         raise ModelError(f"{path} tensors", expected=f"the {len(want)} tensors of "
-                         f"UNet(**{config.kwargs})", got=f"{len(diff)} mismatches: {detail}",
+                         f"{type(model).__name__}(**{config.kwargs})",
+                         got=f"{len(diff)} mismatches: {detail}",
                          fix="save the weights with the config of the architecture they fit")
     model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
     return model.to(device).eval(), config
@@ -348,13 +294,13 @@ def bundled_model_path() -> Path:
     return Path(__file__).resolve().parent / "models" / "soc-unet.safetensors"
 
 
-_CACHE: dict[tuple[str, str], tuple[UNet, ModelConfig]] = {}
+_CACHE: dict[tuple[str, str], tuple[Net, ModelConfig]] = {}
 _HASHES: dict[tuple[str, int, int], str] = {}
 _LOCK = threading.Lock()
 
 
 def get_model(path: str | os.PathLike[str] | None = None, device: str | torch.device = "cpu"
-              ) -> tuple[UNet, ModelConfig]:
+              ) -> tuple[Net, ModelConfig]:
     """Per-process cached :func:`load_model`, keyed by (sha256 of the file, device).
 
     Dask workers call this from every task; the file is read and hashed once per

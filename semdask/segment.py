@@ -28,7 +28,7 @@ from typing import Any
 import dask
 import numpy as np
 
-from . import __version__, config, ledger, ome
+from . import __version__, config, ledger, monitor, ome
 from . import io as sio
 from .batch import run_blocks
 from .errors import SemdaskError, StoreError
@@ -63,6 +63,7 @@ class SegmentResult:
     blocks_computed: int = 0
     up_to_date: bool = False
     rescale: float = 1.0  #: zoom to the model's scale used for inference (1.0: none)
+    members: tuple[str, ...] = ()  #: model files (more than one: an ensemble)
 
     @property
     def mpix_per_s(self) -> float:
@@ -87,7 +88,7 @@ def mosaic_stats(mosaic: sio.Mosaic, low: float, high: float,
 def segment(
     mosaic: str | os.PathLike[str],
     *,
-    model: str | os.PathLike[str] | None = None,
+    model: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
     output: str | os.PathLike[str] | None = None,
     mode: str | None = None,
     window: int | None = None,
@@ -106,6 +107,9 @@ def segment(
     gpu_resources: bool = False,
     resume: bool = False,
     rescale: bool | None = None,
+    ensemble: str | os.PathLike[str] | None = None,
+    tta: bool = False,
+    uncertainty: bool = False,
 ) -> SegmentResult:
     """Segment a whole OME-Zarr mosaic into phases with blended U-Net inference.
 
@@ -113,8 +117,11 @@ def segment(
     ----------
     mosaic : path
         An OME-Zarr mosaic (``semdask convert`` or ``semdask synth`` output).
-    model : path, optional
-        A safetensors model; default: the bundled SOC model.
+    model : path or sequence of paths, optional
+        A safetensors model; default: the bundled SOC model. Several files (or globs)
+        make an ensemble (see ``ensemble``); they must share classes, normalisation,
+        window and pixel size. The provenance names the first as ``model`` (with the
+        run's model key as ``sha256``) and every member under ``ensemble``.
     output : path, optional
         Where to write; default: into the mosaic (``<mosaic>/labels/<name>``).
         Another path gets a copy of the image plus the outputs (self-contained).
@@ -144,6 +151,16 @@ def segment(
         warning when either pixel size is unknown. ``False``: never; ``True``: whenever
         they differ (an unknown pixel size is an error). The factor is recorded in the
         provenance and in ``SegmentResult.rescale``.
+    ensemble : path, optional
+        Add the members ``ENSEMBLE-m0.safetensors``, ``-m1``, ... to ``model`` (a list of
+        files and globs): every member runs on the same windows, probabilities are
+        averaged, labels are the argmax of the mean (:mod:`semdask.ensemble`).
+    tta : bool
+        Test-time augmentation: average over the 8 flips/rotations (D4) too.
+    uncertainty : bool
+        Write ``uncertainty`` (std across members x views of the predicted class's
+        probability; needs several members or ``tta``) and ``entropy`` (of the mean
+        probabilities / log C), float16 ``(y, x)``.
 
     Raises
     ------
@@ -154,14 +171,14 @@ def segment(
     -------
     SegmentResult
     """
-    from .model import bundled_model_path, load_model, model_hash
+    from .ensemble import entropy_from_probs, members_for
 
     t0 = time.perf_counter()
     m = sio.open_mosaic(Path(mosaic))
-    model_path = Path(model) if model is not None else bundled_model_path()
-    model_path = sio.validate_input_path(model_path, kind="file")
-    _, mcfg = load_model(model_path, device="cpu")
-    sha = model_hash(model_path)
+    ens = members_for(model, prefix=ensemble, tta=tta)  # one model or all members, checked
+    model_path, mcfg, sha, spread = ens.paths[0], ens.config, ens.key, uncertainty and ens.multi
+    if uncertainty and not spread:
+        log.info("one model without TTA: writing entropy only (uncertainty needs members/TTA)")
     mode = config.resolve(mode, "segment.mode")
     window = int(config.resolve(window, "segment.window") if window is not None
                  else (mcfg.window or config.get("segment.window")))
@@ -200,6 +217,7 @@ def segment(
     provenance = {
         "version": __version__,
         "model": {"path": str(model_path), "sha256": sha, "classes": list(mcfg.classes)},
+        "ensemble": ens.provenance(spread),
         "plan": plan.to_dict(),
         "rescale": {"factor": factor, "mosaic_pixel_size_um": m.pixel_size_um,
                     "model_pixel_size_um": mcfg.pixel_size_um,
@@ -212,21 +230,26 @@ def segment(
     classes = list(mcfg.classes)
     colours = [(int(c[0]), int(c[1]), int(c[2]), int(c[3])) for c in mcfg.colours] or None
     group = f"labels/{name}"
-    written = [group, *(["probs"] if probs else []), *(["confidence"] if confidence else [])]
+    written = [group, *(["probs"] if probs else []), *(["confidence"] if confidence else []),
+               *(["uncertainty"] if spread else []), *(["entropy"] if uncertainty else [])]
 
     with dask.annotate(resources={"GPU": 1}) if gpu_resources else _null():
         infer_kw: dict[str, Any] = {"model_sha": sha, "precision": precision,
-                                    "batch_size": batch_size, "device": device}
+                                    "batch_size": batch_size, "device": device,
+                                    "tta": tta, "spread": spread}
         if factor == 1.0:
-            p = blended_probs(m.image, str(model_path), n_classes=len(classes), stats=stats,
+            p = blended_probs(m.image, ens.task_model, n_classes=len(classes), stats=stats,
                               plan=plan, **infer_kw)
         else:
-            p = rescaled_probs(m.image, str(model_path), factor=factor, n_classes=len(classes),
+            p = rescaled_probs(m.image, ens.task_model, factor=factor, n_classes=len(classes),
                                stats=stats, plan_kwargs=plan_kw, chunk=plan.chunk,
                                **infer_kw)[0]
+    unc, p = (p[len(classes)], p[: len(classes)]) if spread else (None, p)
     sources = [labels_from_probs(p)]
     sources += [p.astype(np.float16)] if probs else []
     sources += [confidence_from_probs(p)] if confidence else []
+    sources += [unc.astype(np.float16)] if unc is not None else []
+    sources += [entropy_from_probs(p)] if uncertainty else []
     blocks = ledger.block_slices(sources[0].chunks)
     key = ledger.run_key(ledger.input_identity(m), model_sha=sha, plan=plan_key,
                          precision=prec, stats=stats.to_dict(), outputs=written)
@@ -241,7 +264,7 @@ def segment(
             log.info("%s/%s is up to date (%d blocks verified)", out, group, len(blocks))
             return SegmentResult(out, group, plan.shape, plan, stats, sha,
                                  time.perf_counter() - t0, written[1:], len(blocks), 0, True,
-                                 factor)
+                                 factor, tuple(map(str, ens.paths)))
         log.info("resuming %s/%s: %d of %d blocks missing or stale", out, group, len(todo),
                  len(blocks))
         for g in written:
@@ -263,15 +286,17 @@ def segment(
              plan.halo, plan.chunk, len(todo), len(blocks))
     tasks = _block_tasks(sources, targets, written, blocks, todo, store=out, group=group,
                          key=key)
-    run_blocks(tasks, client=client, progress=progress, mosaic=m.path, output=out,
-               inside=inside, name=name)
+    with monitor.watch_blocks(client, output=out, group=group, blocks=blocks, todo=todo,
+                              tasks=tasks, mosaic=m):  # live block map + gauges (monitor.py)
+        run_blocks(tasks, client=client, progress=progress, mosaic=m.path, output=out,
+                   inside=inside, name=name)
     for g in written:
         sio.finish_group(out, g)
     secs = time.perf_counter() - t0
     log.info("wrote %s to %s in %.1f s (%.2f MPix/s)", ", ".join(written), out, secs,
              plan.shape[0] * plan.shape[1] / 1e6 / secs)
     return SegmentResult(out, group, plan.shape, plan, stats, sha, secs, written[1:],
-                         len(blocks), len(todo), False, factor)
+                         len(blocks), len(todo), False, factor, tuple(map(str, ens.paths)))
 
 
 def _check_pixel_size(mosaic_um: float | None, model_um: float | None) -> None:

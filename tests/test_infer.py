@@ -140,3 +140,19 @@ def test_labels_from_probs_argmax():
 def test_bad_geometry_is_a_clear_error(shape, kw, msg):
     with pytest.raises(InputError, match=msg):
         plan_inference(shape, **kw)
+
+
+@pytest.mark.parametrize("mode", ["window", "whole-chunk"])
+def test_mosaic_smaller_than_the_halo(tiny_unet, mode):
+    """Halos wider than the image (one-window mosaics) reflect like np.pad, any chunking."""
+    img = np.random.default_rng(3).integers(0, 256, (40, 50)).astype(np.uint8)
+    kw = dict(stats=NormStats(0, 255), mode=mode, window=32, overlap=0.25,
+              receptive_field=204)
+    plan = plan_inference(img.shape, chunk=32, **{k: v for k, v in kw.items() if k != "stats"})
+    if mode == "whole-chunk":
+        assert plan.halo > max(img.shape)
+    a = _probs(img, tiny_unet, chunk=32, **kw)
+    b = _probs(img, tiny_unet, chunk=200, **kw)
+    assert a.shape == (3, 40, 50)
+    np.testing.assert_allclose(a.sum(0), 1.0, atol=1e-5)
+    np.testing.assert_allclose(a, b, atol=1e-5)

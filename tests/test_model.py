@@ -207,3 +207,48 @@ def test_bundled_model() -> None:
     assert path.stat().st_size < 16 * 2**20
     with torch.no_grad():
         assert net(torch.zeros(1, 1, 64, 64)).shape == (1, 4, 64, 64)
+
+
+def test_architecture_dispatch_and_aliases(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from semdask.model import ARCHITECTURES, ResUNet, build_model
+
+    assert set(ARCHITECTURES) == {"unet", "resunet"}
+    net = UNet(widths=(4, 8, 16))
+    cfg = ModelConfig.for_model(net)
+    assert (cfg.architecture, cfg.arch, cfg.arch_params) == ("unet", "unet", net.kwargs())
+    assert type(build_model(cfg)) is UNet
+    assert ModelConfig().architecture == "unet"  # old files without the field stay U-Nets
+    res = ModelConfig(arch="resunet", arch_params={"layers": [1, 1], "widths": [4, 4],
+                                                   "stem_width": 4})
+    rnet = build_model(res)
+    assert isinstance(rnet, ResUNet) and receptive_field(rnet) == rnet.receptive_field()
+    assert json.loads(res.model_dump_json())["architecture"] == "resunet"  # stored by name
+    with pytest.raises(ValueError, match="architecture"):
+        ModelConfig(architecture="segformer")
+    # a stored config naming an unknown architecture is a clear ModelError
+    bad = json.loads(cfg.model_dump_json())
+    bad["architecture"] = "segformer"
+    tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
+    save_file(tensors, str(tmp_path / "a.safetensors"), metadata={"semdask": json.dumps(bad)})
+    with pytest.raises(ModelError, match="ModelConfig"):
+        load_model(tmp_path / "a.safetensors")
+    # U-Net weights under a ResUNet config: the tensor check names the class
+    res_cfg = ModelConfig.for_model(rnet)
+    save_file(tensors, str(tmp_path / "b.safetensors"),
+              metadata={"semdask": res_cfg.model_dump_json()})
+    with pytest.raises(ModelError, match=r"ResUNet\(\*\*"):
+        load_model(tmp_path / "b.safetensors")
+
+
+def test_bundled_config_is_unchanged_by_the_dispatch() -> None:
+    side = bundled_model_path().with_suffix(".yaml")
+    if not side.exists():
+        pytest.skip("bundled model not built yet")
+    doc = yaml.safe_load(side.read_text())
+    cfg = ModelConfig.model_validate({k: v for k, v in doc.items()
+                                      if k not in ("weights", "sha256")})
+    assert cfg.architecture == "unet" and cfg.receptive_field == 204
+    assert json.loads(cfg.model_dump_json()) == {
+        k: v for k, v in doc.items() if k not in ("weights", "sha256")}

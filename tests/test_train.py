@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import pickle
+from typing import Any
 
 import numpy as np
 import pytest
@@ -171,3 +172,155 @@ def test_train_cli(stores, tmp_path) -> None:
     bad = CliRunner().invoke(main, ["train", str(stores[0]), "--out", str(tmp_path / "x.pt")])
     assert bad.exit_code == 2
     assert ".safetensors" in bad.output
+
+
+# --------------------------------------------------------------- research training path
+@pytest.fixture(scope="module")
+def weighted_store(tmp_path_factory):
+    """A synthetic store whose labels have an unlabelled (255) patch, plus a weight group."""
+    import dask.array as da
+
+    p = tmp_path_factory.mktemp("weighted") / "w.ome.zarr"
+    m = synthetic_mosaic((192, 192), seed=9, chunk=64, params=SynthParams(nio_fraction=0.2))
+    truth = np.asarray(m.truth.compute())
+    truth[:40, :40] = 255
+    wgt = np.linspace(0.2, 1.0, 192 * 192, dtype=np.float32).reshape(192, 192)
+    io.write_image(p, m.image, pixel_size_um=m.pixel_size_um, chunk=64)
+    io.write_labels(p, da.from_array(truth, chunks=64), name="truth", classes=PHASES,
+                    colours=COLOURS, chunk=64)
+    io.write_extra_image(p, "rf-confidence", da.from_array(wgt, chunks=64), chunk=64,
+                         dtype=np.float16)
+    return p, truth, wgt
+
+
+def test_dataset_ignore_label_and_weights(weighted_store) -> None:
+    p, truth, wgt = weighted_store
+    ds = PatchDataset([p], window=48, weights="rf-confidence", tile=64)
+    img, lab, w = ds[(0, 16, 24)]
+    assert img.shape == (1, 48, 48) and w.dtype == torch.float32
+    ign = truth[16:64, 24:72] == 255
+    assert ign.any() and (~ign).any()
+    assert (lab.numpy()[ign] == -100).all() and (lab.numpy()[~ign] < 4).all()
+    assert (w.numpy()[ign] == 0).all()
+    np.testing.assert_allclose(w.numpy()[~ign], wgt[16:64, 24:72][~ign], rtol=1e-3)
+    aug = PatchDataset([p], window=48, weights="rf-confidence", tile=64, augment=True)
+    torch.manual_seed(3)
+    plain = ds[(0, 0, 0)][1]
+    moved = 0
+    for _ in range(4):
+        _, a_lab, a_w = aug[(0, 0, 0)]
+        assert ((a_lab == -100) == (a_w == 0)).all()  # weights moved with the labels
+        moved += int(not torch.equal(a_lab, plain))
+    assert moved >= 2
+    maps = ds.class_maps(scale=4)
+    assert maps.scale == 4 and maps.maps[0].shape == (48, 48)
+    assert (maps.maps[0][:10, :10] == 255).all() and maps.counts().sum() == 48 * 48 - 100
+
+
+def test_evaluate_pools_counts_and_skips_ignored_pixels() -> None:
+    from semdask.train import evaluate
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):  # predicts class 1 everywhere
+            return torch.stack([torch.zeros_like(x[:, 0]), torch.ones_like(x[:, 0])], 1)
+
+    lab = torch.tensor([[[0, 1], [1, -100]]])
+    loader = [(torch.zeros(1, 1, 2, 2), lab), (torch.zeros(1, 1, 2, 2), torch.ones_like(lab))]
+    cm = evaluate(Fixed(), loader, 2, torch.device("cpu"))
+    assert cm.tolist() == [[0, 1], [0, 6]]  # the -100 pixel is not counted
+
+
+def test_train_research_options(stores, weighted_store, tmp_path) -> None:
+    out = tmp_path / "r.safetensors"
+    tb = tmp_path / "tb"
+    r = train([*stores, weighted_store[0]], out, window=32, epochs=2, steps_per_epoch=2,
+              batch_size=2, widths=TINY, val_window=32, split="blocks", block=64,
+              loss="ce+dice", class_weights="auto", optimizer="adamw", schedule="plateau",
+              sampling="balanced", augment="strong", tensorboard=tb, seed=3)
+    assert [h["epoch"] for h in r.history] == [1, 2]
+    _, cfg = load_model(out)
+    prov = cfg.provenance
+    assert prov["split"]["kind"] == "blocks" and prov["split"]["guard"] == 32
+    assert prov["loss"] == "ce+dice" and prov["optimizer"] == "adamw"
+    assert len(prov["class_weights"]) == 4 and prov["sampling"] == "balanced"
+    assert prov["pixel_sizes_um"] == [pytest.approx(0.04458)] * 3
+    assert list(tb.glob("events.out.tfevents.*"))
+    with pytest.raises(InputError, match="weights"):  # the other stores lack the group
+        train([*stores, weighted_store[0]], tmp_path / "x.safetensors", window=32,
+              weights="rf-confidence")
+    r_w = train([weighted_store[0]], tmp_path / "w.safetensors", window=32, epochs=1,
+                steps_per_epoch=2, batch_size=2, widths=TINY, val_window=32, loss="focal",
+                weights="rf-confidence", sampling="uniform", augment="light")
+    assert 0.0 <= r_w.best_miou <= 1.0
+
+
+def test_train_early_stopping(stores, tmp_path) -> None:
+    r = train(stores, tmp_path / "p.safetensors", window=32, epochs=5, steps_per_epoch=1,
+              batch_size=1, widths=TINY, val_window=32, lr=0.0, patience=1, augment="none",
+              loss="ce")
+    # lr 0: the validation mIoU never improves after epoch 1
+    assert r.stopped_early and [h["epoch"] for h in r.history] == [1, 2]
+
+
+def test_train_ensemble_members(stores, tmp_path) -> None:
+    out = tmp_path / "ens.safetensors"
+    r = train(stores, out, window=32, epochs=1, steps_per_epoch=1, batch_size=1, widths=TINY,
+              val_window=32, ensemble=2, split="blocks", block=64, seed=4)
+    assert [m.model_path.name for m in r.members] == ["ens-m0.safetensors",
+                                                     "ens-m1.safetensors"]
+    assert not out.exists()
+    provs = [load_model(m.model_path)[1].provenance for m in r.members]
+    assert [p["seed"] for p in provs] == [4, 5]
+    assert [p["split"]["fold"] for p in provs] == [0, 1]
+    with pytest.raises(InputError, match="ensemble"):
+        train(stores, out, ensemble=2, resume=r.members[0].checkpoint)
+
+
+def test_train_resunet_frozen_encoder(stores, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from semdask.resunet import ResUNet
+
+    kw: dict[str, Any] = {"layers": [1, 1], "widths": [8, 16], "stem_width": 4}
+    enc = tmp_path / "enc.safetensors"
+    torch.manual_seed(11)
+    ResUNet(**kw).save_encoder(enc)
+    out = tmp_path / "res.safetensors"
+    r = train(stores, out, window=32, epochs=1, steps_per_epoch=2, batch_size=2,
+              val_window=32, arch="resunet", arch_kwargs=kw, encoder_weights=enc,
+              freeze_encoder_epochs=1)
+    net, cfg = load_model(r.checkpoint)
+    assert cfg.architecture == "resunet"
+    saved = load_file(str(enc))
+    state = net.state_dict()
+    for k, v in saved.items():  # frozen: weights and BatchNorm statistics unchanged
+        torch.testing.assert_close(state[k], v)
+    assert not torch.equal(state["head.weight"], ResUNet(**kw).state_dict()["head.weight"])
+    with pytest.raises(InputError, match="resunet"):
+        train(stores, tmp_path / "u.safetensors", encoder_weights=enc)
+
+
+def test_train_cli_research_flags(stores, tmp_path) -> None:
+    from semdask.cli import main
+
+    out = tmp_path / "c.safetensors"
+    res = CliRunner().invoke(main, ["train", str(stores[0]), "--val-store", str(stores[1]),
+                                    "--out", str(out), "--epochs", "1", "--steps-per-epoch",
+                                    "1", "--batch-size", "1", "--window", "32", "--loss", "ce",
+                                    "--augment", "none", "--sampling", "uniform",
+                                    "--ensemble", "2"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("best val mIoU") == 2
+    _, cfg = load_model(tmp_path / "c-m1.safetensors")
+    assert cfg.provenance["split"]["kind"] == "stores"
+    assert cfg.provenance["trained_on"] == ["s5.ome.zarr", "s6.ome.zarr"]
+
+
+@pytest.mark.gpu
+def test_train_on_cuda_with_bf16_autocast(stores, tmp_path) -> None:
+    r = train(stores, tmp_path / "g.safetensors", window=32, epochs=1, steps_per_epoch=2,
+              batch_size=2, widths=TINY, val_window=32, device="cuda", amp=True,
+              augment="strong")
+    assert np.isfinite(r.history[0]["train_loss"]) and 0.0 <= r.best_miou <= 1.0
+    net, _ = load_model(r.model_path)
+    assert next(net.parameters()).dtype == torch.float32  # weights stay fp32

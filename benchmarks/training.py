@@ -1,0 +1,123 @@
+"""Training benchmark: does the data loader keep up with the training step? Side by side.
+
+On one synthetic SOC mosaic (written to a temporary OME-Zarr store) this prints, in one run:
+
+(a) the data-loader rate in patches/s: PatchDataset + balanced WindowSampler through a
+    DataLoader, plus the batched augmentation (``--augment`` preset) on the training device,
+    for each ``--workers`` count (default 0 and 2);
+(b) the training-step rate in patches/s: forward + backward + Adam step of the default
+    U-Net (16-32-64-128-256) on the same batch size and window, data already in memory;
+(c) the ratio a / b per worker count: > 1 means the loader never starves the model.
+
+    python benchmarks/training.py --shape 2048 2048 --window 256 --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from semdask import io as sio
+from semdask.augment import Augmenter
+from semdask.dataset import PatchDataset
+from semdask.losses import build_loss
+from semdask.model import UNet
+from semdask.samplers import WindowSampler, make_split
+from semdask.synthetic import synthetic_mosaic
+
+
+def loader_rate(ds: PatchDataset, sampler: WindowSampler, *, batch_size: int, workers: int,
+                batches: int, augment: str, device: torch.device) -> float:
+    """Patches/s delivered by the loader + on-device augmentation (after one warm-up batch)."""
+    kw: dict[str, Any] = {"num_workers": workers, "batch_size": batch_size}
+    if workers:
+        kw.update(persistent_workers=True, multiprocessing_context="fork")
+    loader = DataLoader(ds, sampler=sampler, **kw)
+    aug = Augmenter(augment, seed=0)
+    it = iter(loader)
+    next(it)  # start workers, open stores
+    t0, n = time.perf_counter(), 0
+    for _ in range(batches):
+        img, lab = (b.to(device) for b in next(it))
+        img, lab = aug(img, lab)
+        n += img.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def step_rate(n_classes: int, *, batch_size: int, window: int, steps: int,
+              device: torch.device) -> float:
+    """Patches/s through forward + backward + Adam of the default U-Net (data in memory)."""
+    torch.manual_seed(0)
+    net = UNet(n_classes=n_classes).to(device)
+    net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loss_fn = build_loss("ce+dice", n_classes=n_classes)
+    x = torch.rand(batch_size, 1, window, window, device=device).contiguous(
+        memory_format=torch.channels_last)
+    y = torch.randint(0, n_classes, (batch_size, window, window), device=device)
+
+    def step() -> None:
+        loss = loss_fn(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch_size / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", nargs=2, type=int, default=(2048, 2048), metavar=("H", "W"))
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batches", type=int, default=20, help="Loader batches timed.")
+    ap.add_argument("--steps", type=int, default=5, help="Training steps timed.")
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    ap.add_argument("--augment", default="default")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "bench.ome.zarr"
+        m = synthetic_mosaic(tuple(a.shape), seed=1, chunk=1024)
+        sio.write_synthetic(store, m)
+        ds = PatchDataset([store], window=a.window)
+        plan = make_split(ds.shapes, a.window, split="bands", val_fraction=0.2)
+        n = (a.batches + 1) * a.batch_size
+        sampler = WindowSampler(ds.shapes, a.window, plan=plan, class_maps=ds.class_maps(),
+                                balance=0.5, length=n, seed=0)
+        print(f"mosaic {a.shape[0]} x {a.shape[1]}, window {a.window}, batch {a.batch_size}, "
+              f"augment {a.augment!r}, device {dev}, torch threads {a.threads}, "
+              f"{len(os.sched_getaffinity(0))} CPU cores, load average "
+              f"{os.getloadavg()[0]:.1f}")
+        loaders = {w: loader_rate(ds, sampler, batch_size=a.batch_size, workers=w,
+                                  batches=a.batches, augment=a.augment, device=dev)
+                   for w in a.workers}
+        steps = step_rate(len(ds.classes), batch_size=a.batch_size, window=a.window,
+                          steps=a.steps, device=dev)
+    print(f"(b) training step (default U-Net fwd+bwd+Adam): {steps:8.1f} patches/s")
+    print(f"load average now {os.getloadavg()[0]:.1f} (other processes slow both rates)")
+    for w, rate in loaders.items():
+        print(f"(a) loader + augment, {w} workers:             {rate:8.1f} patches/s   "
+              f"(c) loader/step = {rate / steps:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
