@@ -115,7 +115,10 @@ def _forward(model: torch.nn.Module, x: np.ndarray, device: torch.device, precis
     model's output as probabilities already (e.g. an ensemble wrapper, or the
     identity "model" of the invariance tests).
     """
-    t = torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(1).to(device, non_blocking=True)
+    t = torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(1)
+    if device.type == "cuda":  # page-locked host memory: the copy overlaps queued GPU work
+        t = t.pin_memory()
+    t = t.to(device, non_blocking=True)
     if channels_last:
         t = t.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast(device, precision):

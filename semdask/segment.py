@@ -41,6 +41,7 @@ from .infer import (
 )
 from .normalise import NormStats, compute_stats
 from .rescale import rescaled_probs, scale_factor, target_shape
+from .workers import preload_model
 
 __all__ = ["SegmentResult", "mosaic_stats", "segment"]
 
@@ -286,6 +287,8 @@ def segment(
              plan.halo, plan.chunk, len(todo), len(blocks))
     tasks = _block_tasks(sources, targets, written, blocks, todo, store=out, group=group,
                          key=key)
+    for path, digest in zip(ens.paths, ens.shas, strict=True):  # resident before block one
+        preload_model(client, path, sha=digest, device=device)
     with monitor.watch_blocks(client, output=out, group=group, blocks=blocks, todo=todo,
                               tasks=tasks, mosaic=m):  # live block map + gauges (monitor.py)
         run_blocks(tasks, client=client, progress=progress, mosaic=m.path, output=out,
