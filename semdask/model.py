@@ -320,6 +320,8 @@ def get_model(path: str | os.PathLike[str] | None = None, device: str | torch.de
         if key not in _CACHE:
             model, config = load_model(p, device=device)
             model.requires_grad_(False)
+            # channels-last weights: ~1.3-1.6x faster convolutions on CPU (oneDNN) and GPU
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             _CACHE[key] = (model, config)
             log.debug("loaded model %s (%s) on %s", p, digest[:12], device)
         return _CACHE[key]
