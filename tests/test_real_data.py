@@ -161,12 +161,13 @@ def test_training_on_real_stores_lowers_the_loss(stores: list[Path], tmp_path: P
     from semdask.train import train
 
     # the package's default recipe (loss, sampling, augmentation), tiny net and budget
-    r = train(stores, tmp_path / "m.safetensors", labels="truth", window=64, epochs=3,
-              steps_per_epoch=5, batch_size=4, lr=3e-3, widths=(8, 16, 32), seed=0,
+    # (seeds 0, 1, 2 gave last/first 0.73, 0.67, 0.80: the bound leaves a margin)
+    r = train(stores, tmp_path / "m.safetensors", labels="truth", window=64, epochs=4,
+              steps_per_epoch=8, batch_size=4, lr=5e-3, widths=(8, 16, 32), seed=0,
               val_fraction=0.25)
     losses = [h["train_loss"] for h in r.history]
-    assert len(losses) == 3 and all(np.isfinite(losses))
-    assert losses[-1] < 0.92 * losses[0], losses
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert losses[-1] < 0.9 * losses[0], losses
     assert r.model_path.is_file()
 
 
