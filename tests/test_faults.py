@@ -20,43 +20,20 @@ from pathlib import Path
 import dask
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from semdask import io as sio
 from semdask.cli import main
 from semdask.ledger import LEDGER, Ledger, verify
-from semdask.model import ModelConfig, UNet, receptive_field, save_model
 from semdask.segment import segment
-from semdask.synthetic import COLOURS, PHASES, synthetic_mosaic
+from semdask.synthetic import synthetic_mosaic
 
 BLOCKS = 20
 
 
-
 @pytest.fixture(scope="module", autouse=True)
-def _window_mode():
+def _window(window_mode: None) -> None:
     """These tests count blocks of the blended-window geometry (chunk 64 on the stride grid)."""
-    import os
-
-    import dask
-
-    old = os.environ.get("DASK_SEMDASK__SEGMENT__MODE")
-    os.environ["DASK_SEMDASK__SEGMENT__MODE"] = "window"  # CLI subprocesses too
-    with dask.config.set({"semdask.segment.mode": "window"}):
-        yield
-    if old is None:
-        os.environ.pop("DASK_SEMDASK__SEGMENT__MODE", None)
-    else:
-        os.environ["DASK_SEMDASK__SEGMENT__MODE"] = old
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(3)
-    m = UNet(widths=(4, 4, 8, 8, 8), dropout=(0, 0, 0, 0, 0))
-    cfg = ModelConfig(kwargs=m.kwargs(), classes=list(PHASES), colours=list(COLOURS),
-                      pixel_size_um=0.04458, window=64, receptive_field=receptive_field(m))
-    return save_model(m, cfg, tmp_path_factory.mktemp("model") / "tiny.safetensors")
 
 
 @pytest.fixture(scope="module")

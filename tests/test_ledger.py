@@ -31,20 +31,9 @@ def _model(path: Path, seed: int) -> Path:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _window_mode():
+def _window(window_mode: None) -> None:
     """These tests count blocks of the blended-window geometry (chunk 64 on the stride grid)."""
-    import os
 
-    import dask
-
-    old = os.environ.get("DASK_SEMDASK__SEGMENT__MODE")
-    os.environ["DASK_SEMDASK__SEGMENT__MODE"] = "window"  # CLI subprocesses too
-    with dask.config.set({"semdask.segment.mode": "window"}):
-        yield
-    if old is None:
-        os.environ.pop("DASK_SEMDASK__SEGMENT__MODE", None)
-    else:
-        os.environ["DASK_SEMDASK__SEGMENT__MODE"] = old
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -10,27 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from semdask import io as sio
 from semdask.cli import main
 from semdask.errors import InputError
-from semdask.model import ModelConfig, UNet, receptive_field, save_model
 from semdask.robustness import perturb, robustness, write_robustness
-from semdask.synthetic import COLOURS, PHASES, synthetic_mosaic
+from semdask.synthetic import synthetic_mosaic
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SMALL = {"blur": (0, 2), "brightness": (1, 1.5), "noise": (0.05,), "magnification": (0.5, 1, 2)}
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(3)
-    m = UNet(widths=(4, 4, 8, 8, 8), dropout=(0, 0, 0, 0, 0))
-    cfg = ModelConfig(kwargs=m.kwargs(), classes=list(PHASES), colours=list(COLOURS),
-                      pixel_size_um=0.04458, window=64, receptive_field=receptive_field(m))
-    return save_model(m, cfg, tmp_path_factory.mktemp("model") / "tiny.safetensors")
 
 
 @pytest.fixture(scope="module")

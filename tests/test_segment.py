@@ -19,16 +19,6 @@ from semdask.segment import segment
 from semdask.synthetic import COLOURS, PHASES, synthetic_mosaic
 
 
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small random depth-5 U-Net (16-px grid) with the SOC classes."""
-    torch.manual_seed(3)
-    m = UNet(widths=(4, 4, 8, 8, 8), dropout=(0, 0, 0, 0, 0))
-    cfg = ModelConfig(kwargs=m.kwargs(), classes=list(PHASES), colours=list(COLOURS),
-                      pixel_size_um=0.04458, window=64, receptive_field=receptive_field(m))
-    return save_model(m, cfg, tmp_path_factory.mktemp("model") / "tiny.safetensors")
-
-
 @pytest.fixture
 def mosaic(tmp_path: Path) -> Path:
     p = tmp_path / "m.ome.zarr"
