@@ -171,10 +171,11 @@ class Augmenter:
         # input = M @ output, pixel units about the centre; zoom s > 1 magnifies
         m = torch.stack([torch.stack([cos, cos * shear - sin], -1),
                          torch.stack([sin, sin * shear + cos], -1)], -2) / scale[:, None, None]
-        ys = torch.arange(h, dtype=torch.float32) - (h - 1) / 2
-        xs = torch.arange(w, dtype=torch.float32) - (w - 1) / 2
+        # the grid itself is built on the device: only the n 2x2 matrices travel
+        ys = torch.arange(h, dtype=torch.float32, device=device) - (h - 1) / 2
+        xs = torch.arange(w, dtype=torch.float32, device=device) - (w - 1) / 2
         pts = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1)  # (h, w, 2) as (x, y)
-        src = torch.einsum("nij,hwj->nhwi", m, pts).to(device)
+        src = torch.einsum("nij,hwj->nhwi", m.to(device), pts)
         if bool(ela.any()):
             g = self._device_gen(device)
             gh, gw = max(2, h // c.elastic_grid + 2), max(2, w // c.elastic_grid + 2)
@@ -247,7 +248,10 @@ class Augmenter:
             # exact Poisson where the count is small, its normal limit N(lam, lam) elsewhere
             draw = lam + lam.sqrt() * torch.randn(lam.shape, generator=g, device=dev)
             small = lam < _EXACT_POISSON
-            draw[small] = torch.poisson(lam[small], generator=g)
+            if dev.type == "cuda":  # no boolean indexing: it waits for the GPU
+                draw = torch.where(small, torch.poisson(lam, generator=g), draw)
+            else:  # exact draws on the CPU only where they are needed
+                draw[small] = torch.poisson(lam[small], generator=g)
             shot = draw.to(img.dtype) / counts - pos
             gauss = torch.randn(img.shape, generator=g, device=dev, dtype=img.dtype) * sigma
             img = img + shot * col(hit.float()) + gauss

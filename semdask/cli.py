@@ -211,7 +211,14 @@ def convert_cmd(inputs: tuple[Path, ...], out: Path, pixel_size: float | None,
               default=None, metavar="FILE", help="resunet: encoder weights (safetensors).")
 @click.option("--ensemble", type=int, default=1, metavar="M",
               help="Train M members (seed+i, fold+i) to STEM-m<i>.safetensors.")
-@click.option("--workers", type=int, default=0, help="DataLoader worker processes.")
+@click.option("--pixel-size", "pixel_size_um", type=float, default=None, metavar="UM",
+              help="Train at this pixel size (um): stores are resampled to it first; "
+              "segment then resamples mosaics to it by itself.")
+@click.option("--scale", type=float, default=None, metavar="F",
+              help="Train at F x each store's sampling (0.5: half the pixels, twice the "
+              "context per window).")
+@click.option("--workers", type=int, default=None,
+              help="DataLoader worker processes [0 on CPU; on CUDA cores - 1, at most 8].")
 @click.option("--seed", type=int, default=0)
 @click.option("--device", default="cpu", help="Torch device (cpu, cuda, cuda:1, ...).")
 @click.option("--resume", type=click.Path(path_type=Path), default=None, metavar="CKPT",

@@ -36,6 +36,7 @@ from .profiles import (
     PROFILES,
     cluster_kwargs,
     gpu_worker_args,
+    gpu_worker_threads,
     import_backend,
     local_cluster_kwargs,
     profile_config,
@@ -211,6 +212,21 @@ def _jobqueue_errors(cfg: dict[str, Any]) -> Iterator[None]:
                          "deploy/slurm/jobqueue.yaml) in ~/.config/dask/") from e
 
 
+def _visible_gpus(devices: str | None) -> int:
+    """GPUs a LocalCUDACluster will use: the listed devices, else all that torch sees."""
+    if devices:
+        return len(str(devices).split(","))
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env:
+        return len(env.split(","))
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return 1
+
+
 def _build(name: str, cfg: dict[str, Any]) -> Any:
     """Create (not yet scale) the cluster of a GPU/HPC profile."""
     if name == "local-cuda":
@@ -223,6 +239,8 @@ def _build(name: str, cfg: dict[str, Any]) -> Any:
                                                       else [dev]))
         if cfg.get("n-workers") not in (None, "auto"):
             kw["n_workers"] = int(cfg["n-workers"])
+        gpus = kw.get("n_workers") or _visible_gpus(kw.get("CUDA_VISIBLE_DEVICES"))
+        kw["threads_per_worker"] = gpu_worker_threads(cfg.get("threads-per-worker"), gpus=gpus)
         return cls(**kw, **({"resources": {"GPU": 1}} if cfg.get("gpu-resources") else {}))
     if name == "slurm":
         cls = import_backend(name, "dask_jobqueue", "SLURMCluster")

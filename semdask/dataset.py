@@ -154,8 +154,8 @@ class PatchDataset(torch.utils.data.Dataset[tuple[torch.Tensor, ...]]):
         known = [float(p) for p in self.pixel_sizes if p]
         if known and max(known) > 1.1 * min(known):
             log.warning("training stores have different pixel sizes (%s um): the model learns "
-                        "a mixture of scales; rescale them (semdask convert --pixel-size) or "
-                        "use magnification augmentation", ", ".join(f"{p:g}" for p in known))
+                        "a mixture of scales; train at one with semdask train --pixel-size UM",
+                        ", ".join(f"{p:g}" for p in known))
         if stats is None:
             stats = [compute_stats(m.image, low_percentile, high_percentile) for m in mosaics]
         if len(stats) != len(self.paths):

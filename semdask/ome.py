@@ -294,10 +294,19 @@ def _mean_block(b: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
 def _mode_block(b: np.ndarray) -> np.ndarray:
     h, w = b.shape[-2:]
     r = b.reshape(*b.shape[:-2], h // 2, 2, w // 2, 2)
-    v = np.stack([r[..., 0, :, 0], r[..., 0, :, 1], r[..., 1, :, 0], r[..., 1, :, 1]], -1)
-    counts = (v[..., :, None] == v[..., None, :]).sum(-1)
-    idx = counts.argmax(-1)  # ties: the first of (top-left, top-right, bottom-left, ...)
-    return np.take_along_axis(v, idx[..., None], -1)[..., 0]
+    v = (r[..., 0, :, 0], r[..., 0, :, 1], r[..., 1, :, 0], r[..., 1, :, 1])
+    # the six pairwise equalities give each corner's count (minus itself); a later corner
+    # wins only with a strictly larger count, so ties go to the first in raster order
+    e01, e02, e03 = v[0] == v[1], v[0] == v[2], v[0] == v[3]
+    e12, e13, e23 = v[1] == v[2], v[1] == v[3], v[2] == v[3]
+    counts = (e01 + e02.astype(np.uint8) + e03, e01 + e12.astype(np.uint8) + e13,
+              e02 + e12.astype(np.uint8) + e23, e03 + e13.astype(np.uint8) + e23)
+    out, best = v[0].copy(), counts[0]
+    for value, count in zip(v[1:], counts[1:], strict=True):
+        win = count > best
+        out[win] = value[win]
+        best = np.maximum(best, count)
+    return out
 
 
 def _halve(x: da.Array, fn: Any) -> da.Array:

@@ -20,6 +20,7 @@ __all__ = [
     "PROFILES",
     "cluster_kwargs",
     "gpu_worker_args",
+    "gpu_worker_threads",
     "import_backend",
     "local_cluster_kwargs",
     "profile_config",
@@ -122,6 +123,29 @@ def local_cluster_kwargs(
         # one BLAS/OpenMP thread per dask thread: no oversubscription of the cores
         "env": {"OMP_NUM_THREADS": str(tpw), "MKL_NUM_THREADS": str(tpw)},
     }
+
+
+def gpu_worker_threads(threads: int | str | None, *, gpus: int,
+                       cpus: int | None = None) -> int:
+    """Threads per GPU worker: ``threads``, or for ``auto``/None the CPU cores per GPU, <= 8.
+
+    The GPU finishes a chunk in milliseconds; the CPU side of the chunk (Zarr decode and
+    encode, normalisation, the class argmax, the label pyramid) is what the worker's
+    threads must overlap to keep it fed (``benchmarks/gpu.py``).
+
+    >>> gpu_worker_threads("auto", gpus=1, cpus=16), gpu_worker_threads(None, gpus=4, cpus=16)
+    (8, 4)
+    >>> gpu_worker_threads(2, gpus=1, cpus=16), gpu_worker_threads("auto", gpus=8, cpus=4)
+    (2, 1)
+    """
+    if threads not in (None, "auto"):
+        n = int(threads)
+        if n < 1:
+            raise InputError("threads-per-worker", expected="a positive integer or auto",
+                             got=repr(threads))
+        return n
+    cores = cpus if cpus is not None else len(os.sched_getaffinity(0))
+    return max(1, min(8, cores // max(1, gpus)))
 
 
 # --- keywords of the cluster classes -------------------------------------------------------

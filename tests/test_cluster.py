@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 import urllib.request
@@ -128,6 +129,17 @@ def test_local_cuda_workers_carry_gpu_resources(monkeypatch: pytest.MonkeyPatch)
     assert (kw["CUDA_VISIBLE_DEVICES"], kw["n_workers"], kw["host"]) == ("0,1", 2, "127.0.0.1")
     assert kw["dashboard_address"].startswith("127.0.0.1:")
     assert "gpu_resources" not in kw and "cuda_visible_devices" not in kw
+    cores = len(os.sched_getaffinity(0))
+    assert kw["threads_per_worker"] == max(1, min(8, cores // 2))  # auto: cores per GPU
+
+
+def test_local_cuda_threads_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "dask_cuda", types.SimpleNamespace(LocalCUDACluster=_Fake))
+    cfg = cluster.profile_config("local-cuda", cuda_visible_devices="0", threads_per_worker=3)
+    assert cluster._build("local-cuda", cfg).calls[0][1]["threads_per_worker"] == 3
+    cfg = cluster.profile_config("local-cuda", threads_per_worker=0)
+    with pytest.raises(InputError, match="threads-per-worker"):
+        cluster._build("local-cuda", cfg)
 
 
 def test_kubernetes_gpu_worker_group(monkeypatch: pytest.MonkeyPatch) -> None:
