@@ -135,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=None,
                     help="Training window edge [256; quick: 128].")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scale", type=float, default=None,
+                    help="Train at this share of the images' sampling (semdask train --scale; "
+                    "0.5: twice the context per window); segment applies it to the test images.")
+    ap.add_argument("--train-args", default="", metavar="ARGS",
+                    help="More semdask train options, quoted (e.g. '--class-weights auto').")
     ap.add_argument("--quick", action="store_true", help="A few steps only (CI smoke run).")
     args = ap.parse_args(argv)
     config = args.config or {"nasa_super": "Super1", "nasa_ebc": "EBC1"}[args.dataset]
@@ -186,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--steps-per-epoch", str(steps)]
     if args.quick:
         cmd += ["--batch-size", "2"]
+    if args.scale is not None:
+        cmd += ["--scale", str(args.scale)]
+    cmd += shlex.split(args.train_args)
     run("train", cmd)
 
     # 3. segment the test stores with the best model

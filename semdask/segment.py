@@ -41,6 +41,7 @@ from .infer import (
 )
 from .normalise import NormStats, compute_stats
 from .rescale import rescaled_probs, scale_factor, target_shape
+from .trainscale import relative_scale
 from .workers import preload_model
 
 __all__ = ["SegmentResult", "mosaic_stats", "segment"]
@@ -151,7 +152,8 @@ def segment(
         the argmax, so outputs keep the mosaic's grid (:mod:`semdask.rescale`); a
         warning when either pixel size is unknown. ``False``: never; ``True``: whenever
         they differ (an unknown pixel size is an error). The factor is recorded in the
-        provenance and in ``SegmentResult.rescale``.
+        provenance and in ``SegmentResult.rescale``. A model trained with ``--scale F``
+        on stores of unknown pixel size resamples mosaics of unknown pixel size by F.
     ensemble : path, optional
         Add the members ``ENSEMBLE-m0.safetensors``, ``-m1``, ... to ``model`` (a list of
         files and globs): every member runs on the same windows, probabilities are
@@ -198,7 +200,8 @@ def segment(
                          fallback=sio.read_attrs(out) if reuse_copy else None)
     if rescale is False:
         _check_pixel_size(m.pixel_size_um, mcfg.pixel_size_um)
-    factor = scale_factor(m.pixel_size_um, mcfg.pixel_size_um, rescale=rescale)
+    factor = relative_scale(m.pixel_size_um, mcfg, rescale=rescale) or scale_factor(
+        m.pixel_size_um, mcfg.pixel_size_um, rescale=rescale)
     # the plan at the model's scale (rescaled_probs makes the same one)
     inner = plan if factor == 1.0 else plan_inference(target_shape(plan.shape, factor), **plan_kw)
     plan_key = plan.to_dict() if factor == 1.0 else {**plan.to_dict(), "rescale": factor,

@@ -13,6 +13,7 @@ from semdask.cli import main
 from semdask.errors import InputError
 from semdask.model import load_model
 from semdask.rescale import resample_nearest, resample_numpy
+from semdask.segment import segment
 from semdask.synthetic import COLOURS, PHASES, synthetic_mosaic
 from semdask.train import train
 from semdask.trainscale import factors_for, rescale_store, training_scale
@@ -82,6 +83,26 @@ def test_unknown_pixel_size_needs_scale(tmp_path: Path) -> None:
         pass
     with training_scale([p], scale=0.5) as s:
         assert io.open_mosaic(s.paths[0]).image.shape == (64, 64)
+    q = _store(tmp_path / "px.ome.zarr", (128, 128), seed=4, px=0.1)
+    with pytest.raises(InputError, match="all known or all unknown"), \
+            training_scale([p, q], scale=0.5):
+        pass
+
+
+def test_scale_without_pixel_sizes_carries_to_segment(tmp_path: Path) -> None:
+    """--scale on stores of unknown pixel size: segment resamples such mosaics by it."""
+    p = _store(tmp_path / "a.ome.zarr", (256, 256), seed=5, px=None)
+    r = train([p], tmp_path / "m.safetensors", window=32, epochs=1, steps_per_epoch=1,
+              batch_size=2, widths=TINY, val_window=32, scale=0.5, augment="none",
+              infer_window=64)
+    cfg = load_model(r.model_path)[1]
+    assert cfg.pixel_size_um is None and cfg.provenance["training_scale"]["scale"] == 0.5
+    res = segment(p, model=r.model_path, name="pred", progress=False, device="cpu")
+    assert res.rescale == 0.5
+    assert io.open_labels(p, "pred").data.shape == (256, 256)
+    res = segment(p, model=r.model_path, name="raw", progress=False, device="cpu",
+                  rescale=False)
+    assert res.rescale == 1.0
 
 
 def test_train_at_a_pixel_size_records_it(stores: list[Path], tmp_path: Path) -> None:
