@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from semdask.errors import InputError
-from semdask.infer import blended_probs, labels_from_probs, plan_inference
+from semdask.infer import argmax_classes, blended_probs, labels_from_probs, plan_inference
 from semdask.normalise import NormStats
 from semdask.tiling import blend_weights, window_origins
 
@@ -156,3 +156,14 @@ def test_mosaic_smaller_than_the_halo(tiny_unet, mode):
     assert a.shape == (3, 40, 50)
     np.testing.assert_allclose(a.sum(0), 1.0, atol=1e-5)
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(c=st.integers(1, 6), h=st.integers(1, 9), w=st.integers(1, 9), levels=st.integers(2, 5),
+       seed=st.integers(0, 2**16), dtype=st.sampled_from([np.float32, np.float16]))
+def test_argmax_classes_equals_numpy_argmax_with_ties(c, h, w, levels, seed, dtype) -> None:
+    # few distinct values: many ties, which must go to the first class as with argmax
+    p = np.random.default_rng(seed).integers(0, levels, (c, h, w)).astype(dtype)
+    got = argmax_classes(p)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, p.argmax(axis=0))

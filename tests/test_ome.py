@@ -127,6 +127,15 @@ def test_downsample_mode_matches_reference() -> None:
     np.testing.assert_array_equal(got, _mode_ref(a))
 
 
+@settings(max_examples=40, deadline=None)
+@given(k=st.integers(1, 5), h=st.integers(1, 17), w=st.integers(1, 17),
+       seed=st.integers(0, 2**16))
+def test_downsample_mode_ties_and_sizes(k: int, h: int, w: int, seed: int) -> None:
+    a = np.random.default_rng(seed).integers(0, k, (h, w)).astype(np.uint8)
+    got = ome.downsample_mode(da.from_array(a, chunks=(5, 6))).compute()
+    np.testing.assert_array_equal(got, _mode_ref(a))
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     h=st.integers(1, 60), w=st.integers(1, 60), cy=st.integers(1, 25), cx=st.integers(1, 25),
