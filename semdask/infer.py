@@ -158,6 +158,7 @@ def _chunk_task(
     activation: str = "softmax",
     tta: bool = False,
     spread: bool = False,
+    labels: bool = False,
     block_id: tuple[int, ...] | None = None,
 ) -> np.ndarray:
     from .predict import predict_whole, predict_windows, resolve_device, tune_allocator
@@ -175,22 +176,25 @@ def _chunk_task(
         from .ensemble import predict_members
 
         window = plan.mode == "window"
-        return predict_members(
+        p = predict_members(
             x, [_member(m, dev) for m in (model if isinstance(model, tuple) else (model,))],
             mode=plan.mode, origin=(cy0 - h, cx0 - h),
             core=(cy0, cy1, cx0, cx1) if window else (h, h + cy1 - cy0, h, h + cx1 - cx0),
             window=plan.window, stride=plan.stride, weights=_weights(plan.window, plan.blend),
             tta=tta, spread=spread, batch_size=batch_size, device=dev, precision=precision,
             channels_last=dev.type == "cuda" or not window, activation=activation)
+        return argmax_classes(p) if labels else p
     model = _member(model, dev)
     if plan.mode == "window":
-        return predict_windows(
+        p = predict_windows(
             x, model, origin=(cy0 - h, cx0 - h), core=(cy0, cy1, cx0, cx1),
             window=plan.window, stride=plan.stride, weights=_weights(plan.window, plan.blend),
             batch_size=batch_size, device=dev, precision=precision,
             channels_last=dev.type == "cuda", activation=activation)
+        return argmax_classes(p) if labels else p
     return predict_whole(x, model, core=(h, h + cy1 - cy0, h, h + cx1 - cx0), device=dev,
-                         precision=precision, channels_last=True, activation=activation)
+                         precision=precision, channels_last=True, activation=activation,
+                         labels=labels)
 
 
 def _member(model: Any, dev: Any) -> Any:
@@ -255,6 +259,33 @@ def blended_probs(
         the mosaic; chunk edges are multiples of ``plan.chunk``, ready for
         shard-aligned writes.
     """
+    return _infer(image, model, n_classes=n_classes, stats=stats, plan=plan,
+                  model_sha=model_sha, precision=precision, batch_size=batch_size,
+                  device=device, activation=activation, tta=tta, spread=spread, labels=False)
+
+
+def blended_labels(image: da.Array, model: Any, *, n_classes: int, stats: NormStats,
+                   plan: InferencePlan, **kwargs: Any) -> da.Array:
+    """``labels_from_probs(blended_probs(...))`` in one layer: uint8 ``(y, x)``.
+
+    The argmax is taken inside the inference task (on the device in whole-chunk
+    mode), so only one byte per pixel leaves the GPU and no probability chunks
+    travel between tasks. Labels are identical to the two-step graph; use it when
+    no probabilities, confidence or uncertainty are written. ``kwargs``: those of
+    :func:`blended_probs` except ``spread``.
+    """
+    if kwargs.get("spread"):
+        raise InputError("spread", expected="False for labels only", got="True",
+                         fix="use blended_probs(..., spread=True) for the uncertainty channel")
+    return _infer(image, model, n_classes=n_classes, stats=stats, plan=plan, labels=True,
+                  **kwargs)
+
+
+def _infer(image: da.Array, model: Any, *, n_classes: int, stats: NormStats,
+           plan: InferencePlan, model_sha: str | None = None, precision: str | None = None,
+           batch_size: int | str | None = None, device: str = "auto",
+           activation: str = "softmax", tta: bool = False, spread: bool = False,
+           labels: bool = False) -> da.Array:
     if tuple(image.shape) != plan.shape:
         raise InputError("plan", expected=f"a plan for shape {image.shape}", got=str(plan.shape))
     precision = config.resolve(precision, "segment.precision")
@@ -271,7 +302,12 @@ def blended_probs(
     task = functools.partial(
         _chunk_task, plan=plan, model=_as_task_model(model), model_sha=model_sha, stats=stats,
         precision=str(precision), batch_size=int(batch_size), device=device,
-        activation=activation, tta=bool(tta), spread=bool(spread))
+        activation=activation, tta=bool(tta), spread=bool(spread), labels=labels)
+    if labels:
+        out = da.map_overlap(task, x, depth=h, boundary="none", trim=False, chunks=plan.chunks,
+                             dtype=np.uint8, meta=np.empty((0, 0), np.uint8),
+                             name="semdask-infer")
+        return out[: plan.shape[0], : plan.shape[1]] if plan.padded_shape != plan.shape else out
     probs = da.map_overlap(
         task, x, depth=h, boundary="none", trim=False, new_axis=0,
         chunks=((n_classes + bool(spread),), *plan.chunks), dtype=np.float32,

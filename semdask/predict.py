@@ -108,12 +108,14 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager[Any
 
 
 def _forward(model: torch.nn.Module, x: np.ndarray, device: torch.device, precision: str,
-             channels_last: bool, activation: str = "softmax") -> np.ndarray:
+             channels_last: bool, activation: str = "softmax",
+             labels: bool = False) -> np.ndarray:
     """Probabilities of a batch ``(b, h, w)`` -> float32 ``(b, C, h, w)``.
 
     ``activation="softmax"`` turns logits into probabilities; ``"none"`` takes the
     model's output as probabilities already (e.g. an ensemble wrapper, or the
-    identity "model" of the invariance tests).
+    identity "model" of the invariance tests). ``labels``: return the argmax of
+    those probabilities instead, uint8 ``(b, h, w)``, taken on the device.
     """
     t = torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(1)
     if device.type == "cuda":  # page-locked host memory: the copy overlaps queued GPU work
@@ -123,9 +125,10 @@ def _forward(model: torch.nn.Module, x: np.ndarray, device: torch.device, precis
         t = t.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast(device, precision):
         logits = model(t)
-    if activation == "none":
-        return logits.float().cpu().numpy()
-    return torch.softmax(logits.float(), dim=1).cpu().numpy()
+    probs = logits.float() if activation == "none" else torch.softmax(logits.float(), dim=1)
+    if labels:  # first maximum, as numpy's argmax
+        return probs.argmax(dim=1).to(torch.uint8).cpu().numpy()
+    return probs.cpu().numpy()
 
 
 @contextmanager
@@ -248,8 +251,12 @@ def predict_whole(
     channels_last: bool = True,
     multiple: int = 16,
     activation: str = "softmax",
+    labels: bool = False,
 ) -> np.ndarray:
     """Run the fully convolutional model on the whole block and return its core.
+
+    Probabilities ``(C, h, w)`` float32, or with ``labels`` their argmax, uint8
+    ``(h, w)``, taken on the device.
 
     Parameters
     ----------
@@ -266,5 +273,6 @@ def predict_whole(
     dev = torch.device(device) if isinstance(device, str) else device
     y0, y1, x0, x1 = core
     with _eval(model):
-        probs = _forward(model, block[None], dev, precision, channels_last, activation)[0]
-    return np.ascontiguousarray(probs[:, y0:y1, x0:x1])
+        out = _forward(model, block[None], dev, precision, channels_last, activation,
+                       labels)[0]
+    return np.ascontiguousarray(out[..., y0:y1, x0:x1])

@@ -34,6 +34,7 @@ from .batch import run_blocks
 from .errors import SemdaskError, StoreError
 from .infer import (
     InferencePlan,
+    blended_labels,
     blended_probs,
     confidence_from_probs,
     labels_from_probs,
@@ -241,19 +242,27 @@ def segment(
         infer_kw: dict[str, Any] = {"model_sha": sha, "precision": precision,
                                     "batch_size": batch_size, "device": device,
                                     "tta": tta, "spread": spread}
-        if factor == 1.0:
+        fused = not (probs or confidence or spread or uncertainty)
+        if factor == 1.0 and fused:  # labels only: the argmax inside the inference task
+            lab = blended_labels(m.image, ens.task_model, n_classes=len(classes), stats=stats,
+                                 plan=plan, **{k: v for k, v in infer_kw.items()
+                                               if k != "spread"})
+        elif factor == 1.0:
             p = blended_probs(m.image, ens.task_model, n_classes=len(classes), stats=stats,
                               plan=plan, **infer_kw)
         else:
             p = rescaled_probs(m.image, ens.task_model, factor=factor, n_classes=len(classes),
                                stats=stats, plan_kwargs=plan_kw, chunk=plan.chunk,
                                **infer_kw)[0]
-    unc, p = (p[len(classes)], p[: len(classes)]) if spread else (None, p)
-    sources = [labels_from_probs(p)]
-    sources += [p.astype(np.float16)] if probs else []
-    sources += [confidence_from_probs(p)] if confidence else []
-    sources += [unc.astype(np.float16)] if unc is not None else []
-    sources += [entropy_from_probs(p)] if uncertainty else []
+    if factor == 1.0 and fused:
+        sources = [lab]
+    else:
+        unc, p = (p[len(classes)], p[: len(classes)]) if spread else (None, p)
+        sources = [labels_from_probs(p)]
+        sources += [p.astype(np.float16)] if probs else []
+        sources += [confidence_from_probs(p)] if confidence else []
+        sources += [unc.astype(np.float16)] if unc is not None else []
+        sources += [entropy_from_probs(p)] if uncertainty else []
     blocks = ledger.block_slices(sources[0].chunks)
     key = ledger.run_key(ledger.input_identity(m), model_sha=sha, plan=plan_key,
                          precision=prec, stats=stats.to_dict(), outputs=written)

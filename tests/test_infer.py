@@ -11,7 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from semdask.errors import InputError
-from semdask.infer import argmax_classes, blended_probs, labels_from_probs, plan_inference
+from semdask.infer import (
+    argmax_classes,
+    blended_labels,
+    blended_probs,
+    labels_from_probs,
+    plan_inference,
+)
 from semdask.normalise import NormStats
 from semdask.tiling import blend_weights, window_origins
 
@@ -167,3 +173,23 @@ def test_argmax_classes_equals_numpy_argmax_with_ties(c, h, w, levels, seed, dty
     got = argmax_classes(p)
     assert got.dtype == np.uint8
     np.testing.assert_array_equal(got, p.argmax(axis=0))
+
+
+@pytest.mark.parametrize("mode", ["window", "whole-chunk"])
+@pytest.mark.parametrize("chunk", [48, 80])
+def test_blended_labels_equal_labels_of_blended_probs(tiny_unet, mode, chunk) -> None:
+    """The fused graph (argmax inside the task, on the device) == the two-step graph."""
+    from semdask.model import receptive_field
+
+    img = np.random.default_rng(chunk).integers(0, 256, (113, 150)).astype(np.uint8)
+    plan = plan_inference(img.shape, chunk=chunk, mode=mode, window=32,
+                          receptive_field=receptive_field(tiny_unet))
+    kw = dict(n_classes=3, stats=NormStats(0, 255), plan=plan, batch_size=1)
+    x = da.from_array(img, chunks=64)
+    with dask.config.set(scheduler="synchronous"):
+        fused = blended_labels(x, tiny_unet, **kw)
+        two = labels_from_probs(blended_probs(x, tiny_unet, **kw))
+        assert fused.dtype == np.uint8 and fused.chunks == two.chunks
+        np.testing.assert_array_equal(fused.compute(), two.compute())
+    with pytest.raises(InputError, match="spread"):
+        blended_labels(x, tiny_unet, spread=True, **kw)

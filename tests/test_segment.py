@@ -46,6 +46,16 @@ def test_segment_writes_labels_probs_confidence(mosaic: Path, model_file: Path) 
     assert r.plan.chunk % r.plan.stride == 0
 
 
+def test_labels_only_run_equals_run_with_probs(mosaic: Path, model_file: Path) -> None:
+    """Without --probs/--confidence the argmax is fused into inference: same labels."""
+    segment(mosaic, model=model_file, chunk=128, name="fused", progress=False)
+    segment(mosaic, model=model_file, chunk=128, name="twostep", probs=True, progress=False,
+            output=None)
+    a = np.asarray(sio.open_labels(mosaic, "fused").data.compute())
+    b = np.asarray(sio.open_labels(mosaic, "twostep").data.compute())
+    np.testing.assert_array_equal(a, b)
+
+
 def test_segment_is_chunk_invariant_end_to_end(mosaic: Path, model_file: Path,
                                                tmp_path: Path) -> None:
     segment(mosaic, model=model_file, chunk=64, name="a", progress=False)
