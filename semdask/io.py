@@ -35,7 +35,7 @@ import zarr
 import zarr.codecs
 from dask.delayed import Delayed
 
-from . import config, ome
+from . import config, ome, pyramid
 from .errors import IncompleteOutputError, InputError, StoreError, UnsafePathError
 from .paths import is_store, validate_input_path, validate_output_path
 from .tiling import inner_chunk
@@ -201,7 +201,7 @@ def _begin(parent: zarr.Group, name: str, attrs: dict[str, Any], *, shape: Seque
     n = len(ome.multiscales_of(attrs)[0]["datasets"])
     arrays = [create_array(g, str(i), shape=s, dtype=dtype, shard=shard,
                            dimension_names=tuple(names))
-              for i, s in enumerate(ome.level_shapes(shape, n))]
+              for i, s in enumerate(pyramid.level_shapes(shape, n))]
     return arrays[0]
 
 
@@ -210,7 +210,7 @@ def finish_group(path: PathLike, group: str = "") -> None:
     g = _group(path, group, mode="r+")
     ms = ome.multiscales_of(_attrs(g))[0]
     arrays: list[Any] = [g[d["path"]] for d in ms["datasets"]]
-    down = ome.downsample_mode if ms.get("type") == "mode" else ome.downsample_mean
+    down = pyramid.downsample_mode if ms.get("type") == "mode" else pyramid.downsample_mean
     for prev, arr in itertools.pairwise(arrays):
         store_blocks([align_to(down(_as_dask(prev)), arr)], [arr])
     set_complete(path, group)
@@ -327,7 +327,7 @@ def write_image(path: PathLike, image: da.Array, *, pixel_size_um: float | None,
     p = validate_output_path(path, overwrite=overwrite)
     cfg = config.get("store.shard", "auto")
     chunk = chunk or (cfg if isinstance(cfg, int) else None)
-    meta = {**ome.image_attrs(levels or ome.n_levels(x.shape), pixel_size_um=pixel_size_um,
+    meta = {**ome.image_attrs(levels or pyramid.n_levels(x.shape), pixel_size_um=pixel_size_um,
                               name=p.name), "semdask": ome.semdask_attrs(attrs, pixel_size_um)}
     root = zarr.create_group(store=str(p), zarr_format=3)
     arr = _begin(root, "", meta, shape=x.shape, dtype=x.dtype, names="yx",
@@ -365,7 +365,7 @@ def begin_extra_image(path: PathLike, name: str, *, shape: Sequence[int], dtype:
         levels = len(ome.multiscales_of(_attrs(root))[0]["datasets"])  # same pyramid
     _replace(root, name, overwrite, f"{name} in {p}")
     extra: dict[str, Any] = {} if channel_names is None else {"channels": list(channel_names)}
-    meta = {**ome.image_attrs(levels or ome.n_levels(shape), pixel_size_um=pixel_size_um,
+    meta = {**ome.image_attrs(levels or pyramid.n_levels(shape), pixel_size_um=pixel_size_um,
                               names=names, name=name),
             "semdask": ome.semdask_attrs(attrs, pixel_size_um, **extra)}
     return _begin(root, name, meta, shape=shape, dtype=dtype, names=names,
@@ -468,7 +468,7 @@ def begin_labels(path: PathLike, name: str = "phases", *, shape: Sequence[int],
         lg = root.create_group("labels", attributes=ome.labels_attrs([]))
     _replace(lg, name, overwrite, f"labels/{name} in {p}")
     px = ome.pixel_size_of(root_attrs)
-    meta = {**ome.image_label_attrs(levels or ome.n_levels(shape), classes=classes,
+    meta = {**ome.image_label_attrs(levels or pyramid.n_levels(shape), classes=classes,
                                     colours=cols, pixel_size_um=px, name=name),
             "semdask": ome.semdask_attrs(attrs, px, classes=list(classes), colours=cols)}
     arr = _begin(lg, name, meta, shape=shape, dtype=np.uint8, names="yx",
@@ -524,7 +524,7 @@ def write_synthetic(path: PathLike, mosaic: Any, *, overwrite: bool = False,
     x, px = _as_array(mosaic.image, (2,), "image"), mosaic.pixel_size_um
     p = validate_output_path(path, overwrite=overwrite)
     shard = ome.shard_shape(x.shape, "yx", chunks=x.chunks)
-    meta = {**ome.image_attrs(ome.n_levels(x.shape), pixel_size_um=px, name=p.name),
+    meta = {**ome.image_attrs(pyramid.n_levels(x.shape), pixel_size_um=px, name=p.name),
             "semdask": ome.semdask_attrs({"synthetic": {**mosaic.params.as_dict(),
                                                         "seed": mosaic.seed}}, px)}
     img_t = _begin(zarr.create_group(store=str(p), zarr_format=3, attributes=meta), "", meta,

@@ -14,7 +14,7 @@ from ome_zarr_models.v05.image import ImageAttrs
 from ome_zarr_models.v05.image_label import ImageLabelAttrs
 from ome_zarr_models.v05.labels import LabelsAttrs
 
-from semdask import __version__, ome
+from semdask import __version__, ome, pyramid
 
 
 def _mean_ref(a: np.ndarray) -> np.ndarray:
@@ -95,8 +95,8 @@ def test_versions_and_levels() -> None:
     assert ome.ngff_version(ome.image_attrs(1, pixel_size_um=1.0)) == "0.5"
     assert ome.ngff_version(ome.image_attrs(1, pixel_size_um=1.0, version="0.4")) == "0.4"
     assert ome.ngff_version({"foo": 1}) is None
-    assert ome.n_levels((1000, 1333)) == 2
-    assert ome.level_shapes((3, 9, 5), 3) == [(3, 9, 5), (3, 5, 3), (3, 3, 2)]
+    assert pyramid.n_levels((1000, 1333)) == 2
+    assert pyramid.level_shapes((3, 9, 5), 3) == [(3, 9, 5), (3, 5, 3), (3, 3, 2)]
 
 
 def test_shard_shape_and_misaligned() -> None:
@@ -111,7 +111,7 @@ def test_shard_shape_and_misaligned() -> None:
 def test_downsample_mean_matches_reference(dtype: type) -> None:
     rng = np.random.default_rng(1)
     a = (rng.random((3, 37, 51)) * 200).astype(dtype)
-    got = ome.downsample_mean(da.from_array(a, chunks=(1, 10, 13))).compute()
+    got = pyramid.downsample_mean(da.from_array(a, chunks=(1, 10, 13))).compute()
     ref = _mean_ref(a)
     assert got.dtype == a.dtype
     assert got.shape == (3, 19, 26)
@@ -123,7 +123,7 @@ def test_downsample_mean_matches_reference(dtype: type) -> None:
 
 def test_downsample_mode_matches_reference() -> None:
     a = np.random.default_rng(2).integers(0, 4, (23, 30)).astype(np.uint8)
-    got = ome.downsample_mode(da.from_array(a, chunks=(7, 9))).compute()
+    got = pyramid.downsample_mode(da.from_array(a, chunks=(7, 9))).compute()
     np.testing.assert_array_equal(got, _mode_ref(a))
 
 
@@ -132,7 +132,7 @@ def test_downsample_mode_matches_reference() -> None:
        seed=st.integers(0, 2**16))
 def test_downsample_mode_ties_and_sizes(k: int, h: int, w: int, seed: int) -> None:
     a = np.random.default_rng(seed).integers(0, k, (h, w)).astype(np.uint8)
-    got = ome.downsample_mode(da.from_array(a, chunks=(5, 6))).compute()
+    got = pyramid.downsample_mode(da.from_array(a, chunks=(5, 6))).compute()
     np.testing.assert_array_equal(got, _mode_ref(a))
 
 
@@ -145,5 +145,5 @@ def test_downsampling_is_chunk_invariant(h: int, w: int, cy: int, cx: int, seed:
     a = np.random.default_rng(seed).integers(0, 5, (h, w)).astype(np.uint8)
     one = da.from_array(a, chunks=-1)
     many = da.from_array(a, chunks=(cy, cx))
-    for fn in (ome.downsample_mean, ome.downsample_mode):
+    for fn in (pyramid.downsample_mean, pyramid.downsample_mode):
         np.testing.assert_array_equal(fn(one).compute(), fn(many).compute())
