@@ -34,7 +34,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from . import metrics
+from . import boundary, metrics
 from .errors import InputError, StoreError
 from .metrics import Scores
 from .paths import is_store, validate_input_path
@@ -302,7 +302,7 @@ def evaluate_pairs(pairs: Sequence[LabelPair], *, classes: Sequence[str] | None 
     jobs: list[Any] = []
     for q in ps:
         jobs += [metrics.confusion_matrix(q.pred, q.truth, n),
-                 metrics.boundary_counts(q.pred, q.truth, n, tolerance=tolerance),
+                 boundary.boundary_counts(q.pred, q.truth, n, tolerance=tolerance),
                  da.where(q.truth == IGNORE, 0, q.truth).max()]
     ovs = [_overlay_graph(q, n, level, max_side) for q in ps[:4]] if overlay else []
     out = _compute([*jobs, *[(o[1], o[2]) for o in ovs]], progress)

@@ -13,9 +13,10 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from semdask import io
+from semdask.boundary import boundary_block_counts, boundary_counts
 from semdask.errors import InputError, UnsafePathError
 from semdask.evaluate import evaluate
-from semdask.metrics import boundary_block_counts, boundary_counts, confusion_matrix
+from semdask.metrics import confusion_matrix
 
 DATA = Path(__file__).parent / "data" / "nasa_super"
 IDS = ("spot2_0d_0", "spot3_0d_3", "spot4_0d_3")
