@@ -15,16 +15,10 @@ from PIL import Image
 
 from semdask import io as sio
 from semdask.cli import main
-from semdask.convert import (
-    TileGrid,
-    convert,
-    convert_each,
-    databar_rows,
-    image_to_dask,
-    read_tile_offsets,
-)
+from semdask.convert import convert, convert_each, databar_rows, image_to_dask
 from semdask.errors import InputError, UnsafePathError
 from semdask.readers import open_image, unit_to_um
+from semdask.tilegrid import TileGrid, read_tile_offsets
 
 RNG = np.random.default_rng(0)
 
