@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import logging
 import math
 import os
@@ -36,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .augment import Augmenter
+from .checkpoint import checkpoint_paths, load_optimizer, member_paths, save_optimizer
 from .dataset import IGNORE_INDEX, PatchDataset
 from .errors import InputError, ModelError
 from .losses import build_loss, class_weights_from_counts
@@ -63,56 +63,6 @@ class TrainResult:
     seconds: float = 0.0
     stopped_early: bool = False
     members: list[TrainResult] = field(default_factory=list)
-
-
-def checkpoint_paths(out: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
-    """(last-epoch model, its optimizer state, metrics CSV) next to ``out``."""
-    out = Path(out)
-    stem = out.with_suffix("")
-    return (stem.with_name(stem.name + ".last.safetensors"),
-            stem.with_name(stem.name + ".last.optim.safetensors"),
-            stem.with_name(stem.name + ".metrics.csv"))
-
-
-def member_paths(out: str | os.PathLike[str], members: int) -> list[Path]:
-    """Model paths of an ensemble: ``<stem>-m0.safetensors`` ... (``[out]`` for one)."""
-    out = Path(out)
-    if members <= 1:
-        return [out]
-    return [out.with_name(f"{out.stem}-m{i}{out.suffix}") for i in range(members)]
-
-
-def _save_optimizer(opt: torch.optim.Optimizer, path: Path, meta: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    sd = opt.state_dict()
-    tensors = {f"state.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach()
-               .cpu().contiguous().clone()
-               for i, st in sd["state"].items() for k, v in st.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"param_groups": json.dumps(sd["param_groups"]),
-                                           "semdask_train": json.dumps(meta)})
-    os.replace(tmp, path)
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for k, v in tensors.items():
-            _, i, name = k.split(".", 2)
-            state.setdefault(int(i), {})[name] = v
-        opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-        return dict(json.loads(meta["semdask_train"]))
-    except Exception as e:  # any failure: not our optimizer file
-        raise ModelError(f"optimizer state {path}", expected="the .last.optim.safetensors "
-                         "written by semdask train (same optimizer)",
-                         got=f"{type(e).__name__}: {e}",
-                         fix="resume from the .last.safetensors of the same run") from None
 
 
 def _loader_workers(n: int | None, dev: torch.device) -> int:
@@ -338,7 +288,7 @@ def _member(stores: Sequence[str | os.PathLike[str]], out: Path, o: SimpleNamesp
     opt = opt_cls(model.parameters(), lr=o.lr, weight_decay=wd)
     if o.resume is not None:
         rp = Path(o.resume)
-        meta = _load_optimizer(opt, rp.with_name(rp.name.removesuffix(".safetensors")
+        meta = load_optimizer(opt, rp.with_name(rp.name.removesuffix(".safetensors")
                                                  + ".optim.safetensors"))
         start = int(meta["epoch"]) + 1
         best_epoch, best_miou = int(meta["best_epoch"]), float(meta["best_miou"])
@@ -430,7 +380,7 @@ def _member(stores: Sequence[str | os.PathLike[str]], out: Path, o: SimpleNamesp
         elif o.schedule == "plateau" and (epoch - best_epoch) % 2 == 0:
             lr_scale *= 0.5
         save_model(model, cfg, ckpt)
-        _save_optimizer(opt, optim_path, {"epoch": epoch, "best_epoch": best_epoch,
+        save_optimizer(opt, optim_path, {"epoch": epoch, "best_epoch": best_epoch,
                                           "best_miou": best_miou, "history": history,
                                           "lr_scale": lr_scale})
     if writer is not None:
