@@ -39,7 +39,8 @@ def loader_rate(ds: PatchDataset, sampler: WindowSampler, *, batch_size: int, wo
     kw: dict[str, Any] = {"num_workers": workers, "batch_size": batch_size,
                           "pin_memory": device.type == "cuda"}  # as semdask train does
     if workers:
-        kw.update(persistent_workers=True, multiprocessing_context="fork")
+        kw.update(persistent_workers=True,  # as semdask train: no fork of a CUDA process
+                  multiprocessing_context="forkserver" if device.type == "cuda" else "fork")
     loader = DataLoader(ds, sampler=sampler, **kw)
     aug = Augmenter("none" if augment == "off" else augment, seed=0)
     it = iter(loader)

@@ -73,6 +73,17 @@ def _loader_workers(n: int | None, dev: torch.device) -> int:
     return 0 if dev.type != "cuda" else max(0, min(8, len(os.sched_getaffinity(0)) - 1))
 
 
+def _loader_context(dev: torch.device) -> str:
+    """How loader processes start: fork on the CPU (fast); forkserver once CUDA runs here.
+
+    Forking a process that holds CUDA and pin-memory threads can deadlock the child;
+    the fork server is a clean process forked before any of that.
+    """
+    if os.name == "nt":  # pragma: no cover - no fork on Windows
+        return "spawn"
+    return "forkserver" if dev.type == "cuda" else "fork"
+
+
 def _autocast(dev: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
     if amp and dev.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -314,8 +325,7 @@ def _member(stores: Sequence[str | os.PathLike[str]], out: Path, o: SimpleNamesp
     workers = _loader_workers(o.num_workers, dev)
     kw_loader: dict[str, Any] = {"num_workers": workers, "pin_memory": dev.type == "cuda"}
     if workers > 0:
-        kw_loader.update(persistent_workers=True,
-                         multiprocessing_context="spawn" if os.name == "nt" else "fork")
+        kw_loader.update(persistent_workers=True, multiprocessing_context=_loader_context(dev))
     loader = DataLoader(train_ds, sampler=train_sampler, batch_size=o.batch_size, **kw_loader)
     vloader = DataLoader(val_ds, sampler=val_sampler, batch_size=4, **kw_loader)
     fields = ["epoch", "train_loss", "lr", "val_accuracy", "val_miou",

@@ -88,7 +88,8 @@ def test_dataset_reads_exact_window(stores) -> None:
         ds[(0, 250, 0)]
 
 
-def test_dataset_pickles_without_handles_and_works_with_workers(stores) -> None:
+@pytest.mark.parametrize("context", ["fork", "forkserver"])
+def test_dataset_pickles_without_handles_and_works_with_workers(stores, context) -> None:
     ds = PatchDataset(stores, window=32, augment=True)
     ds[(1, 0, 0)]  # opens the stores and fills the cache in this process
     state = pickle.loads(pickle.dumps(ds))
@@ -96,7 +97,7 @@ def test_dataset_pickles_without_handles_and_works_with_workers(stores) -> None:
     sampler = WindowSampler(ds.shapes, 32, length=12, seed=0)
     torch.manual_seed(0)
     loader = DataLoader(ds, sampler=sampler, batch_size=4, num_workers=2,
-                        multiprocessing_context="fork")
+                        multiprocessing_context=context)  # forkserver: train's CUDA choice
     batches = list(loader)
     assert len(batches) == 3
     x, y = batches[0]
@@ -324,3 +325,10 @@ def test_train_on_cuda_with_bf16_autocast(stores, tmp_path) -> None:
     assert np.isfinite(r.history[0]["train_loss"]) and 0.0 <= r.best_miou <= 1.0
     net, _ = load_model(r.model_path)
     assert next(net.parameters()).dtype == torch.float32  # weights stay fp32
+
+
+def test_loader_processes_never_fork_a_cuda_process() -> None:
+    from semdask.train import _loader_context
+
+    assert _loader_context(torch.device("cuda")) == "forkserver"
+    assert _loader_context(torch.device("cpu")) == "fork"
