@@ -132,6 +132,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-cpu", action="store_true", help="Skip the CPU cluster rows.")
+    ap.add_argument("--paper-shape", nargs=2, type=int, default=PAPER_SHAPE, metavar=("H", "W"),
+                    help="The single-image row (d) [the paper's 2856 x 4096].")
     a = ap.parse_args()
     dev = torch.device(a.device)
     cores = len(os.sched_getaffinity(0))
@@ -159,7 +161,8 @@ def main() -> None:
     src, paper = tmp / "bench.ome.zarr", tmp / "paper.ome.zarr"
     t0 = time.perf_counter()
     sio.write_synthetic(src, synthetic_mosaic(tuple(a.shape), seed=7), overwrite=True)
-    sio.write_synthetic(paper, synthetic_mosaic(PAPER_SHAPE, seed=8), overwrite=True)
+    paper_shape = tuple(a.paper_shape)
+    sio.write_synthetic(paper, synthetic_mosaic(paper_shape, seed=8), overwrite=True)
     mp = a.shape[0] * a.shape[1] / 1e6
     print(f"\nsynthetic mosaics written in {time.perf_counter() - t0:.1f} s "
           f"({a.shape[0]} x {a.shape[1]} = {mp:.1f} MPix, chunk {a.chunk})", flush=True)
@@ -189,7 +192,7 @@ def main() -> None:
                     best = (mp / secs, threads)
                 print(f"  {key:<34}{secs:8.2f} s {mp / secs:8.2f} MPix/s   GPU busy "
                       f"{util:5.1f} %", flush=True)
-    print(f"\n(d) paper-sized image {PAPER_SHAPE[0]} x {PAPER_SHAPE[1]} end to end "
+    print(f"\n(d) paper-sized image {paper_shape[0]} x {paper_shape[1]} end to end "
           f"(local-{kind}, {best[1]} threads)")
     paper_secs: dict[str, float] = {}
     with _cluster(kind, best[1]) as client:
@@ -206,7 +209,7 @@ def main() -> None:
             secs_cpu, _, lab = run_segment(paper, client, name="p-cpu", device="cpu",
                                            chunk=a.chunk, precision="fp32")
         print(f"  paper image, whole-chunk fp32 on {cores} CPU threads: {secs_cpu:6.2f} s "
-              f"({PAPER_SHAPE[0] * PAPER_SHAPE[1] / 1e6 / secs_cpu:.2f} MPix/s); the GPU run "
+              f"({paper_shape[0] * paper_shape[1] / 1e6 / secs_cpu:.2f} MPix/s); the GPU run "
               f"of the same image (d) is {secs_cpu / paper_secs['fp32']:.1f}x faster")
         print(f"  GPU (TF32) vs CPU fp32 labels: "
               f"{100 * float((labels['paper fp32'] == lab).mean()):.3f} %")

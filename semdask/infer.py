@@ -109,8 +109,8 @@ def plan_inference(
     Raises
     ------
     InputError
-        For an unknown mode, a window that is not a multiple of 16, or a mosaic
-        smaller than one window.
+        For an unknown mode, a window that is not a multiple of 16, or (window
+        mode) a mosaic smaller than one window.
     """
     if mode not in MODES:
         raise InputError("mode", expected=f"one of {', '.join(MODES)}", got=repr(mode))
@@ -121,11 +121,13 @@ def plan_inference(
         raise InputError("window", expected=f"a multiple of {NET_MULTIPLE} px (the U-Net "
                          "pools 4 times)", got=str(window),
                          fix=f"use --window {align_up(window, NET_MULTIPLE)}")
-    if min(shape) < window:
+    if min(shape) < 1:
+        raise InputError("mosaic", expected="at least 1 x 1 px", got=f"shape {shape}")
+    if mode == "window" and min(shape) < window:  # whole-chunk: any size (mirror-extended)
         raise InputError("mosaic", expected=f"at least one window ({window} x {window} px)",
                          got=f"an image of {shape[0]} x {shape[1]} px",
                          fix=f"use a smaller --window (a multiple of 16 <= {min(shape)}), "
-                         "or pad the image")
+                         "--mode whole-chunk, or pad the image")
     if mode == "window":
         stride = stride_for(window, overlap)
         halo = window_halo(window, stride)

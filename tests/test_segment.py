@@ -124,9 +124,13 @@ def test_cli_bad_inputs_exit_nonzero(tmp_path: Path, mosaic: Path, model_file: P
 def test_image_smaller_than_window(tmp_path: Path, model_file: Path) -> None:
     p = tmp_path / "small.ome.zarr"
     sio.write_image(p, da.zeros((40, 500), dtype=np.uint8, chunks=40), pixel_size_um=0.05)
-    with pytest.raises(InputError, match="at least one window"):
-        segment(p, model=model_file, progress=False)
+    with pytest.raises(InputError, match=r"at least one window.*--mode whole-chunk"):
+        segment(p, model=model_file, progress=False, mode="window", window=64)
     assert not (p / "labels" / "phases").exists()
+    # whole-chunk mode needs no window: the image is mirror-extended to the net's grid
+    r = segment(p, model=model_file, progress=False, mode="whole-chunk")
+    assert r.labels.endswith("phases") and r.shape == (40, 500)
+    assert sio.open_labels(p, "phases").data.shape == (40, 500)
 
 
 def test_nan_in_float_input(tmp_path: Path, model_file: Path) -> None:
