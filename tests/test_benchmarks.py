@@ -43,3 +43,26 @@ def test_gpu_benchmark_runs_every_row_on_the_cpu() -> None:
         assert row in out, out
     agree = [float(v) for v in re.findall(r"vs whole-chunk fp32: +([\d.]+) %", out)]
     assert agree and all(90.0 <= a <= 100.0 for a in agree)
+
+
+def test_inference_benchmark_prints_every_mode_and_agreement() -> None:
+    out = _run("inference.py", "--shape", "512", "512", "--chunk", "256", "--workers", "1",
+               "--skip-monai")
+    for mode, prec in [("window", "fp32"), ("whole-chunk", "fp32"), ("window", "bf16"),
+                       ("whole-chunk", "bf16")]:
+        row = re.search(rf"^{mode} +{prec} +([\d.]+) +([\d.]+) +[\d.]+ +([\d.]+) +\d+ "
+                        r"+([\d.]+) +([\d.]+)$", out, re.M)
+        assert row, out
+        assert 90.0 <= float(row.group(4)) <= 100.0  # agreement with the untiled forward
+    # whole-chunk fp32 equals one untiled forward of the same extended image (up to float
+    # reassociation across thread counts, which may flip a near-tie pixel)
+    same_ext = re.search(r"^whole-chunk fp32 .* ([\d.]+)$", out, re.M)
+    assert same_ext and float(same_ext.group(1)) >= 99.99, out
+    assert "bf16 vs fp32 label agreement (whole-chunk)" in out
+
+
+def test_scaling_benchmark_reports_memory_ratio() -> None:
+    out = _run("scaling.py", "--sizes", "256", "512", "--model", "tiny", "--workers", "1",
+               "--threads", "1")
+    assert re.search(r"peak worker RSS +[\d.]+x", out), out
+    assert re.search(r"throughput +[\d.]+x", out)
