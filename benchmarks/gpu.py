@@ -102,14 +102,10 @@ def bare_rate(model: torch.nn.Module, dev: torch.device, *, edge: int, batch: in
 
 @contextlib.contextmanager
 def _cluster(kind: str, threads: int) -> Iterator[Any]:
-    if kind == "cuda":
-        with connect(profile="local-cuda", threads_per_worker=threads,
-                     dashboard_address="127.0.0.1:0") as client:
-            yield client
-    else:
-        with connect(profile="local", n_workers=1, threads_per_worker=threads,
-                     dashboard_address="127.0.0.1:0") as client:
-            yield client
+    profile = "local-cuda" if kind == "cuda" else "local"  # one worker either way
+    with connect(profile=profile, n_workers=None if kind == "cuda" else 1,
+                 threads_per_worker=threads, dashboard_address="127.0.0.1:0") as client:
+        yield client
 
 
 def run_segment(src: Path, client: Any, *, name: str, device: str, **kw: Any
@@ -168,7 +164,6 @@ def main() -> None:
           f"({a.shape[0]} x {a.shape[1]} = {mp:.1f} MPix, chunk {a.chunk})", flush=True)
 
     kind = "cuda" if dev.type == "cuda" else "cpu"
-    rows: list[tuple[str, float, float]] = []
     labels: dict[str, np.ndarray] = {}
     best = (0.0, a.threads[0])
     print(f"\n(b) segment end to end on a local-{kind} cluster (1 worker)")
@@ -186,7 +181,6 @@ def main() -> None:
                 secs, util, lab = run_segment(src, client, name="g", device=a.device,
                                               chunk=a.chunk, **kw)
                 key = f"{threads} thr, {label}"
-                rows.append((key, secs, util))
                 labels.setdefault(label, lab)
                 if label == "whole-chunk bf16" and mp / secs > best[0]:
                     best = (mp / secs, threads)

@@ -242,11 +242,11 @@ def segment(
         infer_kw: dict[str, Any] = {"model_sha": sha, "precision": precision,
                                     "batch_size": batch_size, "device": device,
                                     "tta": tta, "spread": spread}
-        fused = not (probs or confidence or spread or uncertainty)
-        if factor == 1.0 and fused:  # labels only: the argmax inside the inference task
+        # labels only, at the mosaic's scale: the argmax inside the inference task
+        fused = factor == 1.0 and not (probs or confidence or spread or uncertainty)
+        if fused:
             lab = blended_labels(m.image, ens.task_model, n_classes=len(classes), stats=stats,
-                                 plan=plan, **{k: v for k, v in infer_kw.items()
-                                               if k != "spread"})
+                                 plan=plan, **infer_kw)
         elif factor == 1.0:
             p = blended_probs(m.image, ens.task_model, n_classes=len(classes), stats=stats,
                               plan=plan, **infer_kw)
@@ -254,7 +254,7 @@ def segment(
             p = rescaled_probs(m.image, ens.task_model, factor=factor, n_classes=len(classes),
                                stats=stats, plan_kwargs=plan_kw, chunk=plan.chunk,
                                **infer_kw)[0]
-    if factor == 1.0 and fused:
+    if fused:
         sources = [lab]
     else:
         unc, p = (p[len(classes)], p[: len(classes)]) if spread else (None, p)

@@ -160,11 +160,10 @@ def training_scale(stores: Sequence[str | os.PathLike[str]], *,
     from . import io as sio
 
     originals = [Path(s) for s in stores]
-    if pixel_size_um is None and scale is None:
-        yield ScaledStores(originals, originals, [1.0] * len(originals),
-                           [sio.open_mosaic(p).pixel_size_um for p in originals])
-        return
     sizes = [sio.open_mosaic(p).pixel_size_um for p in originals]
+    if pixel_size_um is None and scale is None:
+        yield ScaledStores(originals, originals, [1.0] * len(originals), sizes)
+        return
     factors = factors_for(sizes, pixel_size_um=pixel_size_um, scale=scale)
     unknown = [str(p) for p, f in zip(originals, factors, strict=True) if f is None]
     if unknown:
