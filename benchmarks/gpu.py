@@ -32,12 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from semdask import io as sio
-from semdask.cluster import connect
-from semdask.infer import plan_inference
-from semdask.model import bundled_model_path, load_model
-from semdask.segment import segment
-from semdask.synthetic import synthetic_mosaic
+from semdask.cluster.connect import connect
+from semdask.inference.graph import plan_inference
+from semdask.inference.segment import segment
+from semdask.nets.model import bundled_model_path, load_model
+from semdask.storage import io as sio
+from semdask.synthetic.sem import synthetic_mosaic
 
 PAPER_SHAPE = (2856, 4096)
 

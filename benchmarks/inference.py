@@ -27,14 +27,14 @@ import numpy as np
 import psutil
 import torch
 
-from semdask import io as sio
-from semdask.cluster import connect
-from semdask.infer import plan_inference
-from semdask.model import bundled_model_path, load_model
-from semdask.normalise import apply as normalise
-from semdask.segment import mosaic_stats, segment
-from semdask.synthetic import synthetic_mosaic
-from semdask.tiling import blend_weights, window_origins
+from semdask.cluster.connect import connect
+from semdask.inference.graph import plan_inference
+from semdask.inference.normalise import apply as normalise
+from semdask.inference.segment import mosaic_stats, segment
+from semdask.inference.windows import blend_weights, window_origins
+from semdask.nets.model import bundled_model_path, load_model
+from semdask.storage import io as sio
+from semdask.synthetic.sem import synthetic_mosaic
 
 
 class PeakRSS:

@@ -2,7 +2,7 @@
 
 For each square mosaic size this synthesises an SOC mosaic (OME-Zarr, once, in this
 process), starts a fresh LocalCluster, samples the RSS of every worker process with
-psutil (20 Hz, in a thread of this process) while :func:`semdask.segment.segment`
+psutil (20 Hz, in a thread of this process) while :func:`semdask.inference.segment.segment`
 runs, and prints a table plus the ratios largest / smallest. Memory must stay flat:
 each block task holds one chunk + halo, whatever the mosaic size.
 
@@ -30,11 +30,11 @@ from typing import Any
 import psutil
 import torch
 
-from semdask import io as sio
-from semdask.cluster import connect
-from semdask.model import ModelConfig, UNet, bundled_model_path, receptive_field, save_model
-from semdask.segment import segment
-from semdask.synthetic import COLOURS, PHASES, synthetic_mosaic
+from semdask.cluster.connect import connect
+from semdask.inference.segment import segment
+from semdask.nets.model import ModelConfig, UNet, bundled_model_path, receptive_field, save_model
+from semdask.storage import io as sio
+from semdask.synthetic.sem import COLOURS, PHASES, synthetic_mosaic
 
 MiB = 2**20
 

@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from semdask import io as sio
-from semdask.augment import Augmenter
-from semdask.dataset import PatchDataset
-from semdask.losses import build_loss
-from semdask.model import UNet
-from semdask.samplers import WindowSampler, make_split
-from semdask.synthetic import synthetic_mosaic
+from semdask.nets.model import UNet
+from semdask.storage import io as sio
+from semdask.synthetic.sem import synthetic_mosaic
+from semdask.training.augment import Augmenter
+from semdask.training.dataset import PatchDataset
+from semdask.training.losses import build_loss
+from semdask.training.samplers import WindowSampler, make_split
 
 
 def loader_rate(ds: PatchDataset, sampler: WindowSampler, *, batch_size: int, workers: int,

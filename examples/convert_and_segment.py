@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from semdask.convert import convert
-from semdask.export import export_ngff04
-from semdask.metrics import mosaic_fractions
-from semdask.segment import segment
-from semdask.synthetic import render_region
+from semdask.analysis.metrics import mosaic_fractions
+from semdask.inference.segment import segment
+from semdask.ingest.convert import convert
+from semdask.storage.export import export_ngff04
+from semdask.synthetic.sem import render_region
 
 
 def write_zeiss_tiff(path: Path, shape: tuple[int, int]) -> None:

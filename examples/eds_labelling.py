@@ -24,8 +24,8 @@ from pathlib import Path
 import dask
 import numpy as np
 
-from semdask import io
-from semdask.label import (
+from semdask.analysis.metrics import confusion_matrix, scores_from_confusion
+from semdask.labelling.label import (
     build_features,
     fit_classifier,
     label,
@@ -34,8 +34,8 @@ from semdask.label import (
     synthetic_scribbles,
     training_pixels,
 )
-from semdask.metrics import confusion_matrix, scores_from_confusion
-from semdask.synthetic import PHASES, synthetic_mosaic
+from semdask.storage import io
+from semdask.synthetic.sem import PHASES, synthetic_mosaic
 
 
 def main() -> None:

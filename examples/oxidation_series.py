@@ -6,7 +6,7 @@ Synthesises one mosaic per oxidation time with a known share of oxidised Ni
 (``nio_fraction`` 0, 0.05, 0.1, 0.2, 0.3, 0.4 for 0, 2, 5, 10, 20, 30 min), analyses the
 ground-truth labels (fractions with 95 % confidence intervals, TPB density, connectivity),
 and -- when a model is available (``--model``, default: the bundled
-``semdask/models/soc-unet.safetensors``) -- segments every mosaic and reports the MAE and
+``semdask/nets/weights/soc-unet.safetensors``) -- segments every mosaic and reports the MAE and
 RMSE of the predicted NiO fraction against the truth in percentage points (the paper:
 MAE 0.51 pp, RMSE 0.85 pp). The CLI does the same analysis::
 
@@ -19,9 +19,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from semdask import io as sio
-from semdask.analysis import analyze, analyze_series, write_analysis, write_series
-from semdask.synthetic import SynthParams, synthetic_mosaic
+from semdask.analysis.quantify import analyze, analyze_series, write_analysis, write_series
+from semdask.storage import io as sio
+from semdask.synthetic.sem import SynthParams, synthetic_mosaic
 
 TIMES = (0, 2, 5, 10, 20, 30)
 NIO = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4)
@@ -68,13 +68,13 @@ def main() -> None:
           f"per µm²; YSZ percolating {100 * a.connectivity[3]['percolating']:.0f} % of its area")
 
     # 3. segment with a model, then predicted vs truth (MAE, RMSE in percentage points)
-    from semdask.model import bundled_model_path
+    from semdask.nets.model import bundled_model_path
 
     model = args.model or bundled_model_path()
     if args.no_model or not Path(model).is_file():
         print(f"no model at {model}: skipped segmentation (pass --model PATH)")
         return
-    from semdask.segment import segment
+    from semdask.inference.segment import segment
 
     for path, _ in items:
         segment(path, model=model, overwrite=True, progress=False, mode=args.mode)

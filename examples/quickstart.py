@@ -12,12 +12,12 @@ import argparse
 import logging
 from pathlib import Path
 
-from semdask import io as sio
-from semdask.cluster import connect
-from semdask.metrics import confusion_matrix, mosaic_fractions, scores_from_confusion
-from semdask.plot import preview
-from semdask.segment import segment
-from semdask.synthetic import SynthParams, synthetic_mosaic
+from semdask.analysis.metrics import confusion_matrix, mosaic_fractions, scores_from_confusion
+from semdask.analysis.preview import preview
+from semdask.cluster.connect import connect
+from semdask.inference.segment import segment
+from semdask.storage import io as sio
+from semdask.synthetic.sem import SynthParams, synthetic_mosaic
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def semdask(args: list[str]) -> float:
     """Run one ``semdask`` command in this process; print it as a shell line; seconds taken."""
-    from semdask.cli import main
+    from semdask.cli.main import main
 
     print("$ semdask " + " ".join(shlex.quote(a) for a in args), flush=True)
     t0 = time.perf_counter()
@@ -81,7 +81,7 @@ def split_ids(meta: dict[str, Any], config: str, data: Path) -> tuple[dict[str, 
 
 def train_options() -> set[str]:
     """Option names the installed ``semdask train`` accepts."""
-    from semdask.cli import main
+    from semdask.cli.main import main
 
     return {o for p in main.commands["train"].params for o in p.opts}
 
@@ -89,16 +89,16 @@ def train_options() -> set[str]:
 def pooled_scores(stores: list[Path], classes: list[str]) -> dict[str, Any]:
     """Per-class IoU/Dice, mIoU and accuracy from one confusion matrix over all test stores.
 
-    ``semdask.evaluate.evaluate_pairs`` (pooled counts, boundary F1, per-image rows) when
+    ``semdask.analysis.evaluate.evaluate_pairs`` (pooled counts, boundary F1, per-image rows) when
     installed, else the pooled confusion matrix of ``semdask.metrics``.
     """
-    from semdask.io import open_labels
-    from semdask.metrics import class_scores, confusion_matrix
+    from semdask.analysis.metrics import class_scores, confusion_matrix
+    from semdask.storage.io import open_labels
 
     n = len(classes)
     extra: dict[str, Any] = {}
     try:
-        from semdask.evaluate import LabelPair, evaluate_pairs
+        from semdask.analysis.evaluate import LabelPair, evaluate_pairs
     except ImportError:
         cm = np.zeros((n, n), np.int64)
         for s in stores:

@@ -16,9 +16,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from semdask import io as sio
-from semdask.robustness import robustness, write_robustness
-from semdask.synthetic import synthetic_mosaic
+from semdask.analysis.robustness import robustness, write_robustness
+from semdask.storage import io as sio
+from semdask.synthetic.sem import synthetic_mosaic
 
 QUICK = {"blur": (0, 1, 3), "brightness": (0.5, 1, 1.5), "noise": (0, 0.05, 0.1),
          "magnification": (0.5, 1, 2)}

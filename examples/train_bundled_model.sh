@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the bundled model semdask/models/soc-unet.safetensors (+ .yaml).
+# Reproduce the bundled model semdask/nets/weights/soc-unet.safetensors (+ .yaml).
 #
 # Data: four synthetic SOC electrode mosaics (3072 x 3072, seeds 101-104, NiO fraction
 # 0.0 / 0.15 / 0.3 / 0.45); the bottom 20 % rows of each are the validation band.
@@ -35,8 +35,8 @@ time "$SEMDASK" -v train "$WORK"/train-10{1,2,3,4}.ome.zarr --out "$WORK/soc-une
   --lr 1e-3 --schedule cosine --seed 1 \
   --loss ce --class-weights none --sampling uniform --augment flips 2>&1 | tee "$WORK/train.log"
 
-mkdir -p semdask/models
-cp "$WORK/soc-unet.safetensors" "$WORK/soc-unet.yaml" semdask/models/
+mkdir -p semdask/nets/weights
+cp "$WORK/soc-unet.safetensors" "$WORK/soc-unet.yaml" semdask/nets/weights/
 
 # Fresh-mosaic evaluation (whole image in memory, mosaic-wide normalisation).
 "$PYTHON" - "$WORK/soc-unet.safetensors" "$WORK/test-201.ome.zarr" <<'EOF' \

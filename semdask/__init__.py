@@ -15,16 +15,31 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _LAZY = {
-    "segment": "semdask.infer",
-    "open_mosaic": "semdask.io",
-    "load_model": "semdask.model",
-    "phase_fractions": "semdask.metrics",
+    # the data-flow arrows, one public function per CLI sub-command
+    "convert": "semdask.ingest.convert",
+    "label": "semdask.labelling.label",
+    "train": "semdask.training.train",
+    "segment": "semdask.inference.segment",
+    "analyze": "semdask.analysis.quantify",
+    "evaluate": "semdask.analysis.evaluate",
+    "verify": "semdask.storage.ledger",
+    "connect": "semdask.cluster.connect",
+    # reading stores and models
+    "open_mosaic": "semdask.storage.io",
+    "open_labels": "semdask.storage.io",
+    "load_model": "semdask.nets.model",
+    "phase_fractions": "semdask.analysis.metrics",
 }
 
 __all__ = ["__version__", *sorted(_LAZY)]
 
 
 def __getattr__(name: str) -> Any:
+    """Import the public functions on first use, so ``import semdask`` stays fast."""
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'semdask' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-from .errors import UnsafePathError
+from semdask.errors import UnsafePathError
 
 __all__ = ["is_store", "validate_input_path", "validate_output_path"]
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from semdask.model import ModelConfig, UNet, receptive_field, save_model
-from semdask.synthetic import COLOURS, PHASES
+from semdask.nets.model import ModelConfig, UNet, receptive_field, save_model
+from semdask.synthetic.sem import COLOURS, PHASES
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -33,7 +33,7 @@ def _torch_determinism() -> None:
 @pytest.fixture
 def tiny_unet() -> torch.nn.Module:
     """A randomly initialised 3-level U-Net (multiple of 4 px), eval mode."""
-    from semdask.model import UNet
+    from semdask.nets.model import UNet
 
     torch.manual_seed(1)
     m = UNet(in_channels=1, n_classes=3, widths=(4, 8, 8), dropout=(0.0, 0.0, 0.0))

@@ -14,9 +14,8 @@ import pytest
 from click.testing import CliRunner
 from scipy import ndimage as ndi
 
-from semdask import io as sio
-from semdask import morphology as mo
-from semdask.analysis import (
+from semdask.analysis import morphology as mo
+from semdask.analysis.quantify import (
     analyze,
     analyze_labels,
     analyze_series,
@@ -24,9 +23,10 @@ from semdask.analysis import (
     write_analysis,
     write_series,
 )
-from semdask.cli import main
+from semdask.cli.main import main
 from semdask.errors import InputError, StoreError
-from semdask.synthetic import PHASES, SynthParams, render_region, synthetic_mosaic
+from semdask.storage import io as sio
+from semdask.synthetic.sem import PHASES, SynthParams, render_region, synthetic_mosaic
 
 PORE, NI, NIO, YSZ = range(4)
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from semdask.augment import PRESETS, Augmenter, preset
 from semdask.errors import InputError
+from semdask.training.augment import PRESETS, Augmenter, preset
 
 N, H = 6, 64
 GEOMETRIC = preset("none", dihedral=True, p_affine=1.0, p_magnify=1.0, p_elastic=1.0)

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from semdask import cluster
-from semdask.cli import main
+from semdask.cli.main import main
+from semdask.cluster import connect as cluster
 from semdask.errors import InputError
 
 

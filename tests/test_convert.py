@@ -13,12 +13,12 @@ import tifffile
 from click.testing import CliRunner
 from PIL import Image
 
-from semdask import io as sio
-from semdask.cli import main
-from semdask.convert import convert, convert_each, databar_rows, image_to_dask
+from semdask.cli.main import main
 from semdask.errors import InputError, UnsafePathError
-from semdask.readers import open_image, unit_to_um
-from semdask.tilegrid import TileGrid, read_tile_offsets
+from semdask.ingest.convert import convert, convert_each, databar_rows, image_to_dask
+from semdask.ingest.readers import open_image, unit_to_um
+from semdask.ingest.tilegrid import TileGrid, read_tile_offsets
+from semdask.storage import io as sio
 
 RNG = np.random.default_rng(0)
 

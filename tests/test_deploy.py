@@ -13,7 +13,7 @@ import dask.config
 import pytest
 import yaml
 
-from semdask import cluster
+from semdask.cluster import connect as cluster
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 K8S = DEPLOY / "kubernetes"

@@ -13,22 +13,22 @@ import torch
 from click.testing import CliRunner
 from ome_zarr_models.v05.image import ImageAttrs
 
-from semdask import io as sio
-from semdask.cli import main
-from semdask.ensemble import (
+from semdask.cli.main import main
+from semdask.errors import InputError, ModelError
+from semdask.inference.ensemble import (
     d4,
     d4_inverse,
     entropy_from_probs,
     predict_members,
     resolve_members,
 )
-from semdask.errors import InputError, ModelError
-from semdask.infer import blended_probs, plan_inference
-from semdask.ledger import verify
-from semdask.model import ModelConfig, UNet, receptive_field, save_model
-from semdask.normalise import NormStats
-from semdask.segment import segment
-from semdask.synthetic import COLOURS, PHASES, synthetic_mosaic
+from semdask.inference.graph import blended_probs, plan_inference
+from semdask.inference.normalise import NormStats
+from semdask.inference.segment import segment
+from semdask.nets.model import ModelConfig, UNet, receptive_field, save_model
+from semdask.storage import io as sio
+from semdask.storage.ledger import verify
+from semdask.synthetic.sem import COLOURS, PHASES, synthetic_mosaic
 
 GEOM: dict[str, Any] = {"mode": "window", "window": 64, "overlap": 0.25,
                         "progress": False}  # stride 48, halo 48
@@ -186,8 +186,8 @@ def test_whole_chunk_tta_ensemble_is_chunk_invariant(models: dict[str, Path]) ->
 
 
 def test_predict_members_of_one_model_is_predict_windows() -> None:
-    from semdask.predict import predict_windows
-    from semdask.tiling import blend_weights
+    from semdask.inference.predict import predict_windows
+    from semdask.inference.windows import blend_weights
 
     block = np.random.default_rng(0).random((160, 160), dtype=np.float32)
     kw: dict[str, Any] = {"origin": (0, 0), "core": (48, 112, 48, 112), "window": 64, "stride": 48,

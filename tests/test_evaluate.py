@@ -12,11 +12,11 @@ from click.testing import CliRunner
 from PIL import Image
 from sklearn import metrics as skm
 
-from semdask import io
-from semdask.boundary import boundary_block_counts, boundary_counts
+from semdask.analysis.boundary import boundary_block_counts, boundary_counts
+from semdask.analysis.evaluate import evaluate
+from semdask.analysis.metrics import confusion_matrix
 from semdask.errors import InputError, UnsafePathError
-from semdask.evaluate import evaluate
-from semdask.metrics import confusion_matrix
+from semdask.storage import io
 
 DATA = Path(__file__).parent / "data" / "nasa_super"
 IDS = ("spot2_0d_0", "spot3_0d_3", "spot4_0d_3")
@@ -210,7 +210,7 @@ def test_bad_inputs(tmp_path):
 
 
 def test_cli_writes_json_and_plots(tmp_path):
-    from semdask.cli import main
+    from semdask.cli.main import main
 
     for i, s in enumerate(IDS[:2]):
         _png(tmp_path / "pred" / f"{s}.png", _perturb(_truth(s), seed=i))
@@ -231,7 +231,7 @@ def test_cli_writes_json_and_plots(tmp_path):
 
 
 def test_cli_bad_inputs_exit_nonzero(tmp_path):
-    from semdask.cli import main
+    from semdask.cli.main import main
 
     t = _png(tmp_path / "t.png", _truth())
     small = _png(tmp_path / "small.png", _truth()[:256])

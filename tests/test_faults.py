@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from semdask import io as sio
-from semdask.cli import main
-from semdask.ledger import LEDGER, Ledger, verify
-from semdask.segment import segment
-from semdask.synthetic import synthetic_mosaic
+from semdask.cli.main import main
+from semdask.inference.segment import segment
+from semdask.storage import io as sio
+from semdask.storage.ledger import LEDGER, Ledger, verify
+from semdask.synthetic.sem import synthetic_mosaic
 
 BLOCKS = 20
 
@@ -73,7 +73,7 @@ def _wait_for(pred, timeout: float = 60.0) -> None:
 def _cli(args: list[str], delay: float) -> subprocess.Popen[str]:
     env = {**os.environ, "DASK_SEMDASK__TESTING__BLOCK_DELAY": str(delay),
            "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "semdask.cli", *args], env=env, text=True,
+    return subprocess.Popen([sys.executable, "-m", "semdask", *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -188,7 +188,7 @@ def test_sigterm_drains_and_resume_completes(mosaic: Path, model_file: Path,
 
 def test_sigterm_drains_the_threaded_scheduler_too(mosaic: Path, model_file: Path,
                                                    reference: np.ndarray) -> None:
-    from semdask.batch import EX_TEMPFAIL, InterruptedRun, drain_on_sigterm
+    from semdask.inference.batch import EX_TEMPFAIL, InterruptedRun, drain_on_sigterm
 
     def term_after_first_block() -> None:
         _wait_for(lambda: _records(mosaic) >= 1)

@@ -11,15 +11,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from semdask.errors import InputError
-from semdask.infer import (
+from semdask.inference.graph import (
     argmax_classes,
     blended_labels,
     blended_probs,
     labels_from_probs,
     plan_inference,
 )
-from semdask.normalise import NormStats
-from semdask.tiling import blend_weights, window_origins
+from semdask.inference.normalise import NormStats
+from semdask.inference.windows import blend_weights, window_origins
 
 IDENT = NormStats(0.0, 1.0)  # leaves grey levels as they are (x - 0) / 1
 
@@ -113,7 +113,7 @@ def test_window_mode_is_bitwise_chunk_invariant(tiny_unet, h, w, c1, c2, overlap
 @given(h=st.integers(40, 130), w=st.integers(40, 130), c1=st.integers(16, 96),
        c2=st.integers(16, 96))
 def test_whole_chunk_mode_matches_untiled_forward(tiny_unet, h, w, c1, c2):
-    from semdask.model import receptive_field
+    from semdask.nets.model import receptive_field
 
     rf = receptive_field(tiny_unet)
     img = np.random.default_rng(h + 7 * w).integers(0, 256, (h, w)).astype(np.uint8)
@@ -179,7 +179,7 @@ def test_argmax_classes_equals_numpy_argmax_with_ties(c, h, w, levels, seed, dty
 @pytest.mark.parametrize("chunk", [48, 80])
 def test_blended_labels_equal_labels_of_blended_probs(tiny_unet, mode, chunk) -> None:
     """The fused graph (argmax inside the task, on the device) == the two-step graph."""
-    from semdask.model import receptive_field
+    from semdask.nets.model import receptive_field
 
     img = np.random.default_rng(chunk).integers(0, 256, (113, 150)).astype(np.uint8)
     plan = plan_inference(img.shape, chunk=chunk, mode=mode, window=32,

@@ -18,9 +18,10 @@ from ome_zarr_models.v05.image import Image
 from ome_zarr_models.v05.image_label import ImageLabel
 from ome_zarr_models.v05.labels import Labels as Labels05
 
-from semdask import __version__, io
+from semdask import __version__
 from semdask.errors import IncompleteOutputError, StoreError, UnsafePathError
-from semdask.export import export_ngff04
+from semdask.storage import io
+from semdask.storage.export import export_ngff04
 
 CLASSES = ["pore", "Ni", "NiO", "YSZ"]
 COLOURS = [(0, 0, 0, 255), (200, 200, 0, 255), (0, 128, 255, 255), (90, 90, 90, 255)]
@@ -335,7 +336,7 @@ def test_random_chunkings_round_trip(tmp_path: Path, h: int, w: int, seed: int,
 
 
 def test_write_synthetic(tmp_path: Path) -> None:
-    from semdask.synthetic import PHASES, synthetic_mosaic
+    from semdask.synthetic.sem import PHASES, synthetic_mosaic
 
     s = synthetic_mosaic((200, 260), seed=1, chunk=64)
     m = io.write_synthetic(tmp_path / "s.ome.zarr", s)

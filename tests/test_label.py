@@ -15,17 +15,17 @@ import pytest
 from click.testing import CliRunner
 from scipy import ndimage as ndi
 
-from semdask import io
-from semdask.cli import main
+from semdask.analysis.metrics import confusion_matrix, scores_from_confusion
+from semdask.cli.main import main
 from semdask.errors import InputError
-from semdask.features import (
+from semdask.labelling.features import (
     FeatureSpec,
     estimate_shift,
     multiscale_features,
     parse_annotations,
     rasterise,
 )
-from semdask.label import (
+from semdask.labelling.label import (
     feature_stack,
     label,
     load_eds,
@@ -33,8 +33,8 @@ from semdask.label import (
     register_eds,
     synthetic_scribbles,
 )
-from semdask.metrics import confusion_matrix, scores_from_confusion
-from semdask.synthetic import PHASES, render_region, synthetic_mosaic
+from semdask.storage import io
+from semdask.synthetic.sem import PHASES, render_region, synthetic_mosaic
 
 N = 384
 FAST = FeatureSpec(sigmas=(0.7, 1.6, 3.5, 5.0))

@@ -11,14 +11,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from semdask import io as sio
-from semdask.batch import Item, read_manifest
-from semdask.cli import main
+from semdask.cli.main import main
 from semdask.errors import InputError
-from semdask.ledger import Ledger, block_slices, checksum, run_key, verify
-from semdask.model import ModelConfig, UNet, receptive_field, save_model
-from semdask.segment import segment
-from semdask.synthetic import COLOURS, PHASES, synthetic_mosaic
+from semdask.inference.batch import Item, read_manifest
+from semdask.inference.segment import segment
+from semdask.nets.model import ModelConfig, UNet, receptive_field, save_model
+from semdask.storage import io as sio
+from semdask.storage.ledger import Ledger, block_slices, checksum, run_key, verify
+from semdask.synthetic.sem import COLOURS, PHASES, synthetic_mosaic
 
 
 def _model(path: Path, seed: int) -> Path:

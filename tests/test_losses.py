@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from semdask.errors import InputError
-from semdask.losses import LOSSES, build_loss, class_weights_from_counts
+from semdask.training.losses import LOSSES, build_loss, class_weights_from_counts
 
 C = 4
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from semdask.errors import ModelError
-from semdask.model import (
+from semdask.nets.model import (
     ModelConfig,
     UNet,
     _interval,
@@ -212,7 +212,7 @@ def test_bundled_model() -> None:
 def test_architecture_dispatch_and_aliases(tmp_path) -> None:
     from safetensors.torch import save_file
 
-    from semdask.model import ARCHITECTURES, ResUNet, build_model
+    from semdask.nets.model import ARCHITECTURES, ResUNet, build_model
 
     assert set(ARCHITECTURES) == {"unet", "resunet"}
     net = UNet(widths=(4, 8, 16))

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from semdask import io as sio
-from semdask import monitor
-from semdask.dashboard import BlockBoard
-from semdask.model import ModelConfig, UNet, receptive_field, save_model
-from semdask.segment import segment
-from semdask.synthetic import COLOURS, PHASES, synthetic_mosaic
+from semdask.cluster import monitor
+from semdask.cluster.dashboard import BlockBoard
+from semdask.inference.segment import segment
+from semdask.nets.model import ModelConfig, UNet, receptive_field, save_model
+from semdask.storage import io as sio
+from semdask.synthetic.sem import COLOURS, PHASES, synthetic_mosaic
 
 prometheus_client = pytest.importorskip("prometheus_client")
 
@@ -159,7 +159,7 @@ def test_serve_metrics_on_localhost() -> None:
     b = BlockBoard()
     b.announce({"op": "start", "run": "srv1", "output": "x", "shape": [8, 8],
                 "blocks": [["k", 0, 0, 0, 8, 0, 8, 1]]})
-    from semdask.dashboard import _register_collector
+    from semdask.cluster.dashboard import _register_collector
 
     _register_collector(b)
     server, thread = monitor.serve_metrics(0)

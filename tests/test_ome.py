@@ -14,7 +14,8 @@ from ome_zarr_models.v05.image import ImageAttrs
 from ome_zarr_models.v05.image_label import ImageLabelAttrs
 from ome_zarr_models.v05.labels import LabelsAttrs
 
-from semdask import __version__, ome, pyramid
+from semdask import __version__
+from semdask.storage import ome, pyramid
 
 
 def _mean_ref(a: np.ndarray) -> np.ndarray:

@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from semdask import io as sio
-from semdask.cli import main
-from semdask.convert import convert, convert_each, read_classes
+from semdask.cli.main import main
 from semdask.errors import InputError, UnsafePathError
+from semdask.ingest.convert import convert, convert_each, read_classes
+from semdask.storage import io as sio
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data" / "nasa_super"
@@ -80,7 +80,7 @@ def test_ignore_value_pyramid_and_palette_labels(tmp_path: Path) -> None:
     np.testing.assert_array_equal(truth.level(1).compute(), lab[::2, ::2])
     assert truth.attrs["semdask"]["ignored_pixels"] == 100 * 600
     assert truth.classes == ["x", "y", "z"]
-    from semdask.dataset import PatchDataset
+    from semdask.training.dataset import PatchDataset
 
     ds = PatchDataset([m.path], labels="manual", window=64)
     _, target = ds[(0, 64, 0)]
@@ -158,7 +158,7 @@ def test_cli_convert_labels(tmp_path: Path) -> None:
 
 
 def test_training_on_real_stores_lowers_the_loss(stores: list[Path], tmp_path: Path) -> None:
-    from semdask.train import train
+    from semdask.training.train import train
 
     # the package's default recipe (loss, sampling, augmentation), tiny net and budget
     # (seeds 0, 1, 2 gave last/first 0.73, 0.67, 0.80: the bound leaves a margin)

@@ -11,18 +11,18 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
-from semdask import io as sio
 from semdask.errors import InputError
-from semdask.model import ModelConfig, UNet, receptive_field, save_model
-from semdask.rescale import (
+from semdask.inference.rescale import (
     resample,
     resample_nearest,
     resample_numpy,
     scale_factor,
     target_shape,
 )
-from semdask.segment import segment
-from semdask.synthetic import COLOURS, PHASES, synthetic_mosaic
+from semdask.inference.segment import segment
+from semdask.nets.model import ModelConfig, UNet, receptive_field, save_model
+from semdask.storage import io as sio
+from semdask.synthetic.sem import COLOURS, PHASES, synthetic_mosaic
 
 MODEL_UM = 0.04458
 
@@ -137,7 +137,7 @@ def test_resume_run_key_includes_the_rescale(tmp_path: Path, model_file: Path) -
 def test_cli_segment_rescale_flag(tmp_path: Path, model_file: Path) -> None:
     from click.testing import CliRunner
 
-    from semdask.cli import main
+    from semdask.cli.main import main
 
     p = _store(tmp_path / "coarse.ome.zarr", 2 * MODEL_UM, shape=(128, 160))
     base = ["segment", str(p), "--model", str(model_file), "--chunks", "64", "--no-cluster"]

@@ -11,11 +11,11 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from semdask import io as sio
 from semdask.errors import ModelError
-from semdask.model import ModelConfig, build_model, load_model, receptive_field, save_model
-from semdask.resunet import ResUNet
-from semdask.synthetic import COLOURS, PHASES
+from semdask.nets.model import ModelConfig, build_model, load_model, receptive_field, save_model
+from semdask.nets.resunet import ResUNet
+from semdask.storage import io as sio
+from semdask.synthetic.sem import COLOURS, PHASES
 
 TINY = {"layers": (1, 1, 1, 1), "widths": (8, 8, 8, 8), "stem_width": 8}
 
@@ -199,8 +199,8 @@ def test_load_encoder_rejects_bad_files(tmp_path: Path) -> None:
 
 
 def test_segment_engine_runs_a_resunet_end_to_end(tmp_path: Path) -> None:
-    from semdask.cli import main
-    from semdask.segment import segment
+    from semdask.cli.main import main
+    from semdask.inference.segment import segment
 
     net = _tiny(5)
     model = save_model(net, ModelConfig.for_model(net, classes=list(PHASES),
@@ -228,8 +228,8 @@ def test_whole_chunk_halo_covers_the_receptive_field() -> None:
     import dask
     import dask.array as da
 
-    from semdask.infer import blended_probs, plan_inference
-    from semdask.normalise import NormStats
+    from semdask.inference.graph import blended_probs, plan_inference
+    from semdask.inference.normalise import NormStats
 
     net = _tiny(6)
     img = np.random.default_rng(1).integers(0, 256, (150, 170)).astype(np.uint8)

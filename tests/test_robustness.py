@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from semdask import io as sio
-from semdask.cli import main
+from semdask.analysis.robustness import perturb, robustness, write_robustness
+from semdask.cli.main import main
 from semdask.errors import InputError
-from semdask.robustness import perturb, robustness, write_robustness
-from semdask.synthetic import synthetic_mosaic
+from semdask.storage import io as sio
+from semdask.synthetic.sem import synthetic_mosaic
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SMALL = {"blur": (0, 2), "brightness": (1, 1.5), "noise": (0.05,), "magnification": (0.5, 1, 2)}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from semdask.errors import InputError
-from semdask.samplers import ClassMaps, WindowSampler, make_split, split_rows
+from semdask.training.samplers import ClassMaps, WindowSampler, make_split, split_rows
 
 SHAPES = [(600, 500), (400, 700)]
 

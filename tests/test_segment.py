@@ -11,12 +11,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from semdask import io as sio
-from semdask.cli import main
+from semdask.cli.main import main
 from semdask.errors import IncompleteOutputError, InputError, ModelError, UnsafePathError
-from semdask.model import ModelConfig, UNet, receptive_field, save_model
-from semdask.segment import segment
-from semdask.synthetic import COLOURS, PHASES, synthetic_mosaic
+from semdask.inference.segment import segment
+from semdask.nets.model import ModelConfig, UNet, receptive_field, save_model
+from semdask.storage import io as sio
+from semdask.synthetic.sem import COLOURS, PHASES, synthetic_mosaic
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def test_cli_segment_fractions_preview(mosaic: Path, model_file: Path, tmp_path:
 
 def test_failed_run_leaves_incomplete_output(mosaic: Path, model_file: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import semdask.infer as infer
+    import semdask.inference.graph as infer
 
     def boom(*a, **k):
         raise RuntimeError("worker died")
@@ -175,8 +175,8 @@ def test_cli_segment_on_local_cluster_prints_dashboard(mosaic: Path, model_file:
 def test_gpu_resources_annotate_only_the_inference_layer(mosaic: Path, model_file: Path) -> None:
     import dask
 
-    from semdask.infer import blended_probs, plan_inference
-    from semdask.normalise import NormStats
+    from semdask.inference.graph import blended_probs, plan_inference
+    from semdask.inference.normalise import NormStats
 
     img = sio.open_mosaic(mosaic).image
     plan = plan_inference(img.shape, window=64, chunk=128)

@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from semdask.errors import InputError
-from semdask.synthetic import (
+from semdask.synthetic.sem import (
     COLOURS,
     PHASES,
     SynthParams,

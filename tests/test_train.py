@@ -12,13 +12,13 @@ import torch
 from click.testing import CliRunner
 from torch.utils.data import DataLoader
 
-from semdask import io
-from semdask.dataset import PatchDataset, WindowSampler, augment, split_rows
 from semdask.errors import InputError
-from semdask.model import UNet, load_model
-from semdask.normalise import apply, compute_stats
-from semdask.synthetic import COLOURS, PHASES, SynthParams, synthetic_mosaic
-from semdask.train import train
+from semdask.inference.normalise import apply, compute_stats
+from semdask.nets.model import UNet, load_model
+from semdask.storage import io
+from semdask.synthetic.sem import COLOURS, PHASES, SynthParams, synthetic_mosaic
+from semdask.training.dataset import PatchDataset, WindowSampler, augment, split_rows
+from semdask.training.train import train
 
 TINY = (4, 8, 16)  # widths of a fast test U-Net
 
@@ -161,7 +161,7 @@ def test_train_writes_outputs_and_resumes(stores, tmp_path) -> None:
 
 
 def test_train_cli(stores, tmp_path) -> None:
-    from semdask.cli import main
+    from semdask.cli.main import main
 
     out = tmp_path / "cli.safetensors"
     res = CliRunner().invoke(main, ["train", *map(str, stores), "--out", str(out),
@@ -219,7 +219,7 @@ def test_dataset_ignore_label_and_weights(weighted_store) -> None:
 
 
 def test_evaluate_pools_counts_and_skips_ignored_pixels() -> None:
-    from semdask.train import evaluate
+    from semdask.training.train import evaluate
 
     class Fixed(torch.nn.Module):
         def forward(self, x):  # predicts class 1 everywhere
@@ -280,7 +280,7 @@ def test_train_ensemble_members(stores, tmp_path) -> None:
 def test_train_resunet_frozen_encoder(stores, tmp_path) -> None:
     from safetensors.torch import load_file
 
-    from semdask.resunet import ResUNet
+    from semdask.nets.resunet import ResUNet
 
     kw: dict[str, Any] = {"layers": [1, 1], "widths": [8, 16], "stem_width": 4}
     enc = tmp_path / "enc.safetensors"
@@ -302,7 +302,7 @@ def test_train_resunet_frozen_encoder(stores, tmp_path) -> None:
 
 
 def test_train_cli_research_flags(stores, tmp_path) -> None:
-    from semdask.cli import main
+    from semdask.cli.main import main
 
     out = tmp_path / "c.safetensors"
     res = CliRunner().invoke(main, ["train", str(stores[0]), "--val-store", str(stores[1]),
@@ -328,7 +328,7 @@ def test_train_on_cuda_with_bf16_autocast(stores, tmp_path) -> None:
 
 
 def test_loader_processes_never_fork_a_cuda_process() -> None:
-    from semdask.train import _loader_context
+    from semdask.training.train import _loader_context
 
     assert _loader_context(torch.device("cuda")) == "forkserver"
     assert _loader_context(torch.device("cpu")) == "fork"

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from semdask import io
-from semdask.cli import main
+from semdask.cli.main import main
 from semdask.errors import InputError
-from semdask.model import load_model
-from semdask.rescale import resample_nearest, resample_numpy
-from semdask.segment import segment
-from semdask.synthetic import COLOURS, PHASES, synthetic_mosaic
-from semdask.train import train
-from semdask.trainscale import factors_for, rescale_store, training_scale
+from semdask.inference.rescale import resample_nearest, resample_numpy
+from semdask.inference.segment import segment
+from semdask.nets.model import load_model
+from semdask.storage import io
+from semdask.synthetic.sem import COLOURS, PHASES, synthetic_mosaic
+from semdask.training.scale import factors_for, rescale_store, training_scale
+from semdask.training.train import train
 
 TINY = (4, 8, 16)
 

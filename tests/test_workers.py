@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from semdask.model import ModelConfig, UNet, model_hash, save_model
-from semdask.workers import ModelPlugin, preload_model
+from semdask.cluster.plugins import ModelPlugin, preload_model
+from semdask.nets.model import ModelConfig, UNet, model_hash, save_model
 
 
 def _cached_digests() -> list[str]:
-    from semdask import model
+    from semdask.nets import model
 
     return sorted(k[0] for k in model._CACHE)
 

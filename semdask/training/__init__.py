@@ -1,0 +1,7 @@
+"""Training: the ``train`` arrow, reading patches lazily from the stores.
+
+Seeded samplers that yield coordinates (:mod:`.samplers`), the lazy patch dataset
+(:mod:`.dataset`), batched augmentation (:mod:`.augment`), losses (:mod:`.losses`),
+checkpoints (:mod:`.checkpoint`), training at one pixel size (:mod:`.scale`) and the loop
+(:mod:`.train`).
+"""
