@@ -35,6 +35,7 @@ import torch
 from semdask.cluster.connect import connect
 from semdask.inference.graph import plan_inference
 from semdask.inference.segment import segment
+from semdask.inference.settings import resolve_settings
 from semdask.nets.model import bundled_model_path, load_model
 from semdask.storage import io as sio
 from semdask.synthetic.sem import synthetic_mosaic
@@ -141,8 +142,8 @@ def main() -> None:
           f"{cfg.receptive_field})", flush=True)
 
     print("\n(a) bare forward + softmax + argmax on the device, MPix/s of input")
-    tile = plan_inference(tuple(a.shape), mode="whole-chunk", chunk=a.chunk,
-                          receptive_field=cfg.receptive_field)
+    run = resolve_settings(model_config=cfg, mode="whole-chunk", chunk=a.chunk)
+    tile = plan_inference(tuple(a.shape), **run.plan_kwargs(cfg.receptive_field))
     tile_edge = a.chunk + 2 * tile.halo
     tile_edge += -tile_edge % 16
     for precision in ("fp32", "bf16"):

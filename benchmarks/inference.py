@@ -31,6 +31,7 @@ from semdask.cluster.connect import connect
 from semdask.inference.graph import plan_inference
 from semdask.inference.normalise import apply as normalise
 from semdask.inference.segment import mosaic_stats, segment
+from semdask.inference.settings import resolve_settings
 from semdask.inference.windows import blend_weights, window_origins
 from semdask.nets.model import bundled_model_path, load_model
 from semdask.storage import io as sio
@@ -140,15 +141,17 @@ def main() -> None:
     with connect(n_workers=args.workers, dashboard_address="127.0.0.1:0") as client:
         for mode, precision in [("window", "fp32"), ("whole-chunk", "fp32"), ("window", "bf16"),
                                 ("whole-chunk", "bf16")]:
-            plan = plan_inference(shape, mode=mode, window=cfg.window, chunk=args.chunk,
-                                  receptive_field=cfg.receptive_field)
+            # the run description segment resolves (same precedence, same geometry)
+            run = resolve_settings(model_config=cfg, mode=mode, chunk=args.chunk,
+                                   precision=precision)
+            plan = plan_inference(shape, **run.plan_kwargs(cfg.receptive_field))
             if mode == "window":
                 ta, _ = bare_windows(x, model, plan.window, plan.stride, plan.blend, precision)
             else:
                 ta, _ = bare_whole(x, model, precision)
             with PeakRSS() as rss:
                 t0 = time.perf_counter()
-                segment(src, mode=mode, precision=precision, chunk=plan.chunk, client=client,
+                segment(src, mode=mode, precision=precision, chunk=run.chunk, client=client,
                         overwrite=True, progress=False, name=f"b-{mode}-{precision}")
                 tb = time.perf_counter() - t0
             lab = np.asarray(sio.open_labels(src, f"b-{mode}-{precision}").data.compute())

@@ -32,7 +32,9 @@ import torch
 
 from semdask.cluster.connect import connect
 from semdask.inference.segment import segment
-from semdask.nets.model import ModelConfig, UNet, bundled_model_path, receptive_field, save_model
+from semdask.inference.settings import Mode, Precision, choices
+from semdask.nets.model import ModelConfig, bundled_model_path, receptive_field, save_model
+from semdask.nets.unet import UNet
 from semdask.storage import io as sio
 from semdask.synthetic.sem import COLOURS, PHASES, synthetic_mosaic
 
@@ -148,10 +150,10 @@ def main() -> None:
                     help="Square mosaic edges in pixels (e.g. 2048 ... 32768).")
     ap.add_argument("--model", default="bundled",
                     help="'bundled' (the SOC U-Net), 'tiny' (random widths (4, 8)) or a path.")
-    ap.add_argument("--mode", choices=["window", "whole-chunk"], default=None)
+    ap.add_argument("--mode", choices=choices(Mode), default=None)
     ap.add_argument("--chunk", type=int, default=None, help="Chunk edge [semdask config].")
     ap.add_argument("--window", type=int, default=None, help="Window edge [model's].")
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default=None)
+    ap.add_argument("--precision", choices=choices(Precision), default=None)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="Threads per worker.")
     ap.add_argument("--memory-limit", default="auto")

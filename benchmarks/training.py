@@ -6,29 +6,38 @@ On one synthetic SOC mosaic (written to a temporary OME-Zarr store) this prints,
     DataLoader, plus the batched augmentation (``--augment`` preset) on the training device,
     for each ``--workers`` count (default 0 and 2);
 (b) the training-step rate in patches/s: forward + backward + Adam step of the default
-    U-Net (16-32-64-128-256) on the same batch size and window, data already in memory;
-(c) the ratio a / b per worker count: > 1 means the loader never starves the model.
+    U-Net (16-32-64-128-256) on the same batch size and window, data already in memory,
+    before (the old step: torch dropout, out-of-place ReLU, default Adam, glibc's
+    default malloc) and after (the new defaults, :class:`semdask.training.engine.TrainStep`),
+    in alternating rounds so that both see the same load; ``--sizes`` adds other
+    windows and batches (patches/s and pixels/s);
+(c) the ratio a / b (after) per worker count: > 1 means the loader never starves the model.
 
     python benchmarks/training.py --shape 2048 2048 --window 256 --batch-size 8
+    python benchmarks/training.py --window 192 --batch-size 16 --sizes 128x32 256x8
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import statistics
 import tempfile
 import time
+import types
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from semdask.nets.model import UNet
+from semdask.nets.unet import UNet
 from semdask.storage import io as sio
 from semdask.synthetic.sem import synthetic_mosaic
 from semdask.training.augment import Augmenter
 from semdask.training.dataset import PatchDataset
+from semdask.training.engine import TrainStep, cpu_allocator, make_optimizer
 from semdask.training.losses import build_loss
 from semdask.training.samplers import WindowSampler, make_split
 
@@ -72,36 +81,65 @@ def augment_rate(batch: tuple[torch.Tensor, torch.Tensor], *, augment: str, reps
     return reps * img.shape[0] / (time.perf_counter() - t0)
 
 
-def step_rate(n_classes: int, *, batch_size: int, window: int, steps: int,
-              device: torch.device, amp: bool = False) -> float:
-    """Patches/s through forward + backward + Adam of the default U-Net (data in memory).
+def _legacy(net: UNet) -> UNet:
+    """The U-Net as trained before the step engine: torch's dropout, out-of-place ReLU."""
+    def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        return torch.relu(self.conv2(self.drop(x)))
 
-    ``amp``: bf16 autocast on CUDA, as ``semdask train`` does there (weights stay fp32).
+    for blk in net.modules():
+        drop: Any = getattr(blk, "drop", None)
+        if hasattr(blk, "conv1") and drop is not None:
+            blk.drop = torch.nn.Dropout(drop.p)
+            blk.forward = types.MethodType(forward, blk)
+    return net
+
+
+def make_step(setting: str, n_classes: int, device: torch.device, *, amp: bool) -> TrainStep:
+    """The training step of ``setting``: ``"before"`` (old) or ``"after"`` (new defaults).
+
+    before: torch dropout, out-of-place ReLU, default Adam (and, on the CPU, glibc's
+    default malloc, see :func:`step_rates`); after: :class:`TrainStep` as ``semdask
+    train`` runs it. Both in channels-last layout, weights seeded alike.
     """
     torch.manual_seed(0)
     net = UNet(n_classes=n_classes).to(device)
-    net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    if setting == "before":
+        opt: torch.optim.Optimizer = torch.optim.Adam(_legacy(net).parameters(), lr=1e-3)
+    else:
+        opt = make_optimizer("adam", net.parameters(), lr=1e-3)
     loss_fn = build_loss("ce+dice", n_classes=n_classes)
-    x = torch.rand(batch_size, 1, window, window, device=device).contiguous(
-        memory_format=torch.channels_last)
+    return TrainStep(net, opt, lambda lo, la, w: loss_fn(lo.float(), la, w),
+                     lambda *b: b, device, amp=amp)
+
+
+def step_rates(n_classes: int, *, batch_size: int, window: int, steps: int, rounds: int,
+               device: torch.device, amp: bool = False,
+               settings: tuple[str, ...] = ("before", "after"),
+               ) -> dict[str, list[tuple[float, float]]]:
+    """(patches/s, CPU s/patch) of forward + backward + Adam (data in memory) per round.
+
+    Settings alternate per round, so both see the same load from other processes; the
+    CPU seconds of this process per patch depend less on that load than the rate.
+    ``amp``: bf16 autocast on CUDA, as ``semdask train`` does there (weights stay fp32).
+    """
+    x = torch.rand(batch_size, 1, window, window, device=device)
     y = torch.randint(0, n_classes, (batch_size, window, window), device=device)
-
-    def step() -> None:
-        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            logits = net(x)
-        loss = loss_fn(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    step()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch_size / (time.perf_counter() - t0)
+    steps_of = {s: make_step(s, n_classes, device, amp=amp) for s in settings}
+    rates: dict[str, list[tuple[float, float]]] = {s: [] for s in settings}
+    for _ in range(rounds):
+        for s, step in steps_of.items():
+            with cpu_allocator(device) if s == "after" else contextlib.nullcontext():
+                step([x, y])  # warm-up (and first touch of the pages)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0, c0 = time.perf_counter(), time.process_time()
+                for _ in range(steps):
+                    loss = step([x, y])
+                float(loss)
+                n = steps * batch_size
+                rates[s].append((n / (time.perf_counter() - t0), (time.process_time() - c0) / n))
+    return rates
 
 
 def main() -> None:
@@ -110,7 +148,11 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--batches", type=int, default=20, help="Loader batches timed.")
-    ap.add_argument("--steps", type=int, default=5, help="Training steps timed.")
+    ap.add_argument("--steps", type=int, default=3, help="Training steps timed per round.")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="Rounds of the step timing (before and after alternate).")
+    ap.add_argument("--sizes", nargs="*", default=[], metavar="WINDOWxBATCH",
+                    help="Also time the new step at these sizes, e.g. 128x32 192x16 256x8.")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     ap.add_argument("--augment", default="default")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -142,9 +184,29 @@ def main() -> None:
                               batches=a.batches, augment="off", device=dev)
         batch = next(iter(DataLoader(ds, sampler=sampler, batch_size=a.batch_size)))
         augmenting = augment_rate(batch, augment=a.augment, reps=a.batches, device=dev)
-        steps = step_rate(len(ds.classes), batch_size=a.batch_size, window=a.window,
-                          steps=a.steps, device=dev, amp=amp)
-    print(f"(b) training step (default U-Net fwd+bwd+Adam): {steps:8.1f} patches/s")
+        rates = step_rates(len(ds.classes), batch_size=a.batch_size, window=a.window,
+                           steps=a.steps, rounds=a.rounds, device=dev, amp=amp)
+        sizes = {}
+        for size in a.sizes:
+            w, b = (int(v) for v in size.lower().split("x"))
+            sizes[(w, b)] = step_rates(len(ds.classes), batch_size=b, window=w,
+                                       steps=a.steps, rounds=1, device=dev, amp=amp,
+                                       settings=("after",))["after"][0]
+    med = {s: statistics.median(v for v, _ in r) for s, r in rates.items()}
+    cpu = {s: statistics.median(c for _, c in r) for s, r in rates.items()}
+    steps = med["after"]
+    px = a.window * a.window / 1e6
+    for s, what in (("before", "old: torch dropout, out-of-place ReLU, default Adam, "
+                               "default malloc"),
+                    ("after", "new defaults: semdask.training.engine.TrainStep")):
+        print(f"(b) training step (default U-Net fwd+bwd+Adam), {s:6s}: {med[s]:8.2f} patches/s "
+              f"= {med[s] * px:6.2f} Mpx/s, {cpu[s]:6.3f} CPU s/patch  (rounds: "
+              f"{', '.join(f'{v:.2f}' for v, _ in rates[s])}; {what})")
+    print(f"    after / before = {med['after'] / med['before']:.2f}x in patches/s, "
+          f"{cpu['before'] / cpu['after']:.2f}x in CPU s/patch")
+    for (w, b), (rate, c) in sizes.items():
+        print(f"    window {w:4d}, batch {b:3d}: {rate:8.2f} patches/s = "
+              f"{rate * w * w / 1e6:6.2f} Mpx/s, {c / (w * w) * 1e6:6.3f} CPU s/Mpx (new step)")
     print(f"load average now {os.getloadavg()[0]:.1f} (other processes slow both rates)")
     for w, rate in loaders.items():
         print(f"(a) loader + augment, {w} workers:             {rate:8.1f} patches/s   "

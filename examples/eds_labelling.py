@@ -25,13 +25,12 @@ import dask
 import numpy as np
 
 from semdask.analysis.metrics import confusion_matrix, scores_from_confusion
+from semdask.labelling.annotations import read_annotations, synthetic_scribbles
 from semdask.labelling.label import (
     build_features,
     fit_classifier,
     label,
     predict_probs,
-    read_annotations,
-    synthetic_scribbles,
     training_pixels,
 )
 from semdask.storage import io

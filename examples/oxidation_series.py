@@ -19,7 +19,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from semdask.analysis.quantify import analyze, analyze_series, write_analysis, write_series
+from semdask.analysis.quantify import analyze, analyze_series
+from semdask.analysis.report import write_analysis, write_series
 from semdask.storage import io as sio
 from semdask.synthetic.sem import SynthParams, synthetic_mosaic
 

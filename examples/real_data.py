@@ -1,7 +1,8 @@
 """Real SEM data, end to end: convert, train from scratch, segment, evaluate on the test split.
 
-    python examples/real_data.py --dataset nasa_super --config Super1 --out runs/super1
-    python examples/real_data.py --dataset nasa_ebc --config EBC1 --out runs/ebc1 --window 256
+    python examples/real_data.py --config Super1 --budget 30m --out runs/super1
+    python examples/real_data.py --config all --budget 30m --seeds 0 1 --out runs/all \
+        --results-md docs/RESULTS.md          # the seven configs, two seeds, the table
     python examples/real_data.py --quick --data-root tests/data --out /tmp/rd   # CI: seconds
 
 Uses the NASA benchmark sets normalised in ``../shared/data`` (``<dataset>/images/<id>.png``
@@ -14,14 +15,17 @@ run can be repeated from a terminal:
 
 1. ``semdask convert`` the split's images with their label images -> one store per image,
    ``labels/truth`` with the dataset's class names;
-2. ``semdask train`` from scratch on the train stores with the package's default recipe,
-   validating on the val stores (``--split stores``) when the installed version can;
-   only data-specific things are given (stores, labels, window, epochs);
+2. ``semdask train`` from scratch on the train stores with the package's default recipe
+   (planned from the data; ``--budget`` fits its schedule), validating on the val stores
+   (``--split stores``); only data-specific things are given (stores, labels, budget);
 3. ``semdask segment`` every test store with the best model (``labels/pred``);
 4. pooled test scores over all test images (one confusion matrix of all their pixels,
    255 = ignore skipped): per-class IoU and Dice, mIoU (rare classes included), accuracy.
 
-Prints a results table and writes ``OUT/results.json``.
+Prints a results table and writes ``OUT/results.json`` (several configs or seeds:
+``OUT/<config>-s<seed>/results.json`` and ``OUT/summary.json``); ``--results-md FILE``
+writes the table (per-class IoU, mIoU, accuracy, budget, wall time, spread over seeds)
+between the ``real-data-table`` markers of FILE.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import argparse
 import csv
 import json
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -79,13 +84,6 @@ def split_ids(meta: dict[str, Any], config: str, data: Path) -> tuple[dict[str, 
     return ids, used
 
 
-def train_options() -> set[str]:
-    """Option names the installed ``semdask train`` accepts."""
-    from semdask.cli.main import main
-
-    return {o for p in main.commands["train"].params for o in p.opts}
-
-
 def pooled_scores(stores: list[Path], classes: list[str]) -> dict[str, Any]:
     """Per-class IoU/Dice, mIoU and accuracy from one confusion matrix over all test stores.
 
@@ -123,32 +121,19 @@ def pooled_scores(stores: list[Path], classes: list[str]) -> dict[str, Any]:
             "confusion": cm.tolist(), **extra}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", choices=["nasa_super", "nasa_ebc"], default="nasa_super")
-    ap.add_argument("--config", default=None, help="Published split [Super1 / EBC1].")
-    ap.add_argument("--data-root", type=Path, default=None,
-                    help="Folder holding <dataset>/ [../shared/data, else tests/data].")
-    ap.add_argument("--out", type=Path, default=Path("real-data-output"))
-    ap.add_argument("--epochs", type=int, default=None, help="[package default; quick: 1]")
-    ap.add_argument("--steps-per-epoch", type=int, default=None, help="[package default]")
-    ap.add_argument("--window", type=int, default=None,
-                    help="Training window edge [256; quick: 128].")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--scale", type=float, default=None,
-                    help="Train at this share of the images' sampling (semdask train --scale; "
-                    "0.5: twice the context per window); segment applies it to the test images.")
-    ap.add_argument("--train-args", default="", metavar="ARGS",
-                    help="More semdask train options, quoted (e.g. '--class-weights auto').")
-    ap.add_argument("--quick", action="store_true", help="A few steps only (CI smoke run).")
-    args = ap.parse_args(argv)
-    config = args.config or {"nasa_super": "Super1", "nasa_ebc": "EBC1"}[args.dataset]
-    data = find_dataset(args.dataset, args.data_root)
+CONFIGS = {"Super1": "nasa_super", "Super2": "nasa_super", "Super3": "nasa_super",
+           "Super4": "nasa_super", "EBC1": "nasa_ebc", "EBC2": "nasa_ebc", "EBC3": "nasa_ebc"}
+_START, _END = "<!-- real-data-table:start -->", "<!-- real-data-table:end -->"
+
+
+def run_one(dataset: str, config: str, seed: int, args: argparse.Namespace,
+            out: Path) -> dict[str, Any]:
+    """Convert, train, segment and score one published split with one seed."""
+    data = find_dataset(dataset, args.data_root)
     meta = json.loads((data / "meta.json").read_text())
     ids, used = split_ids(meta, config, data)
-    out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{args.dataset} {used} from {data}: "
+    print(f"{dataset} {used} seed {seed} from {data}: "
           + ", ".join(f"{len(v)} {k}" for k, v in ids.items()), flush=True)
     timings: dict[str, float] = {}
     commands: list[list[str]] = []
@@ -169,37 +154,29 @@ def main(argv: list[str] | None = None) -> int:
                         "--classes-from", str(data / "meta.json"), "--overwrite"])
         stores[split] = [folder / f"{i}.ome.zarr" for i in names]
 
-    # 2. train from scratch: package defaults + the data-specific options
+    # 2. train from scratch: the package's planned recipe + the data-specific options
     model = out / "model.safetensors"
-    have = train_options()
     cmd = ["-v", "train", *map(str, stores["train"]), "--out", str(model), "--labels", "truth",
-           "--window", str(args.window or (128 if args.quick else 256)), "--seed", str(args.seed)]
-    if stores.get("val") and "--val-store" in have:
-        cmd[2:2] = list(map(str, stores["val"]))
-        cmd += ["--split", "stores"] if "--split" in have else []
-        for v in stores["val"]:
-            cmd += ["--val-store", str(v)]
-    elif stores.get("val"):
-        print("note: this semdask train has no --val-store: validating on a band of the "
-              "train stores", flush=True)
+           "--seed", str(seed)]
+    for v in stores.get("val", []):
+        cmd += ["--val-store", str(v)]
+    window = args.window or (128 if args.quick else None)
+    cmd += ["--window", str(window)] if window else []
     epochs = args.epochs if args.epochs is not None else (1 if args.quick else None)
-    if epochs is not None:
-        cmd += ["--epochs", str(epochs)]
+    cmd += ["--epochs", str(epochs)] if epochs is not None else []
     steps = args.steps_per_epoch if args.steps_per_epoch is not None else (
         2 if args.quick else None)
-    if steps is not None:
-        cmd += ["--steps-per-epoch", str(steps)]
-    if args.quick:
-        cmd += ["--batch-size", "2"]
-    if args.scale is not None:
-        cmd += ["--scale", str(args.scale)]
+    cmd += ["--steps-per-epoch", str(steps)] if steps is not None else []
+    cmd += ["--batch-size", "2"] if args.quick else []
+    cmd += ["--budget", args.budget] if args.budget else []
+    cmd += ["--scale", str(args.scale)] if args.scale is not None else []
     cmd += shlex.split(args.train_args)
     run("train", cmd)
 
     # 3. segment the test stores with the best model
     for s in stores["test"]:
         run("segment", ["segment", str(s), "--model", str(model), "--name", "pred",
-                        "--no-cluster", "--overwrite"])
+                        "--no-cluster", "--overwrite", *(["--tta"] if args.tta else [])])
 
     # 4. pooled test scores
     t0 = time.perf_counter()
@@ -211,19 +188,131 @@ def main(argv: list[str] | None = None) -> int:
     if metrics_csv.is_file():
         with open(metrics_csv, newline="") as f:
             history = list(csv.DictReader(f))
-    result = {"dataset": args.dataset, "config": used, "data": str(data), "ids": ids,
-              "quick": args.quick, "model": str(model), "test": scores,
+    plan_yaml = model.with_name(model.stem + ".train.yaml")
+    result = {"dataset": dataset, "config": used, "seed": seed, "data": str(data), "ids": ids,
+              "quick": args.quick, "budget": args.budget, "model": str(model), "test": scores,
+              "plan": plan_yaml.read_text() if plan_yaml.is_file() else None,
               "train_history": history, "seconds": {k: round(v, 1) for k, v in timings.items()},
               "commands": ["semdask " + " ".join(shlex.quote(a) for a in c) for c in commands]}
     (out / "results.json").write_text(json.dumps(result, indent=1))
-    print(f"\ntest split of {args.dataset} {used}: {len(ids['test'])} images, "
+    print(f"\ntest split of {dataset} {used}, seed {seed}: {len(ids['test'])} images, "
           f"{scores['pixels']} labelled pixels (pooled)")
     print(f"{'class':<32}{'IoU':>8}{'Dice':>8}{'share':>8}")
     for c, v in scores["classes"].items():
         print(f"{c:<32}{v['iou']:8.4f}{v['dice']:8.4f}{v['share']:8.3f}")
     print(f"{'mIoU':<32}{scores['miou']:8.4f}\n{'accuracy':<32}{scores['accuracy']:8.4f}")
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-    print(f"results: {out / 'results.json'}")
+    print(f"results: {out / 'results.json'}", flush=True)
+    return result
+
+
+def show_plan(dataset: str, config: str, args: argparse.Namespace, out: Path) -> None:
+    """Convert the train split of ``config`` and print the recipe ``semdask train`` plans."""
+    from semdask.training.config import TrainConfig
+    from semdask.training.planning import fingerprint, plan, plan_table
+
+    data = find_dataset(dataset, args.data_root)
+    ids, used = split_ids(json.loads((data / "meta.json").read_text()), config, data)
+    names, folder = ids["train"], out / "stores" / "train"
+    semdask(["convert", *[str(data / "images" / f"{i}.png") for i in names],
+             str(folder / f"{names[0]}.ome.zarr" if len(names) == 1 else folder),
+             "--labels", str(data / "labels"), "--classes-from", str(data / "meta.json"),
+             "--overwrite"])
+    overrides = {"budget": args.budget} if args.budget else {}
+    fp = fingerprint([folder / f"{i}.ome.zarr" for i in names])
+    cfg, why = plan(fp, TrainConfig.from_kwargs(**overrides))
+    print(f"== {dataset} {used}\n{plan_table(cfg, why, fp)}", flush=True)
+
+
+def _spread(values: list[float], digits: int = 3) -> str:
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def summary_table(results: list[dict[str, Any]]) -> str:
+    """Markdown table: one row per config (mean ± sd over seeds), per-class IoU."""
+    rows = ["| config | seeds | budget | IoU per class (mean ± sd) | mIoU | accuracy | "
+            "training wall |", "|---|---|---|---|---|---|---|"]
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by.setdefault(r["config"], []).append(r)
+    for config, rs in by.items():
+        classes = list(rs[0]["test"]["classes"])
+        per = ", ".join(f"{c} {_spread([r['test']['classes'][c]['iou'] for r in rs])}"
+                        for c in classes)
+        wall = [r["seconds"].get("train", 0.0) for r in rs]
+        rows.append(f"| {config} | {', '.join(str(r['seed']) for r in rs)} | "
+                    f"{rs[0]['budget'] or 'default'} | {per} | "
+                    f"**{_spread([r['test']['miou'] for r in rs])}** | "
+                    f"{_spread([100 * r['test']['accuracy'] for r in rs], 1)} % | "
+                    f"{statistics.fmean(wall):.0f} s |")
+    return "\n".join(rows)
+
+
+def write_markdown(path: Path, table: str, command: str) -> None:
+    """Put ``table`` between the real-data-table markers of ``path`` (appended if absent)."""
+    block = f"{_START}\n`{command}`\n\n{table}\n{_END}"
+    text = path.read_text() if path.is_file() else ""
+    if _START in text and _END in text:
+        text = text[:text.index(_START)] + block + text[text.index(_END) + len(_END):]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", choices=["nasa_super", "nasa_ebc"], default=None,
+                    help="[from --config; nasa_super]")
+    ap.add_argument("--config", default=None, nargs="+", metavar="NAME",
+                    help=f"Published split(s): {', '.join(CONFIGS)} or all [Super1 / EBC1].")
+    ap.add_argument("--data-root", type=Path, default=None,
+                    help="Folder holding <dataset>/ [../shared/data, else tests/data].")
+    ap.add_argument("--out", type=Path, default=Path("real-data-output"))
+    ap.add_argument("--budget", default=None,
+                    help="semdask train --budget (30m, 2000steps) [package default].")
+    ap.add_argument("--epochs", type=int, default=None, help="[planned; quick: 1]")
+    ap.add_argument("--steps-per-epoch", type=int, default=None, help="[planned]")
+    ap.add_argument("--window", type=int, default=None,
+                    help="Training window edge [planned; quick: 128].")
+    ap.add_argument("--seed", type=int, default=None, help="One seed [0].")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="Several seeds.")
+    ap.add_argument("--scale", type=float, default=None,
+                    help="Train at this share of the images' sampling [planned].")
+    ap.add_argument("--tta", action="store_true", help="segment --tta (flips and rotations).")
+    ap.add_argument("--train-args", default="", metavar="ARGS",
+                    help="More semdask train options, quoted (e.g. --train-args='--no-plan').")
+    ap.add_argument("--results-md", type=Path, default=None, metavar="FILE",
+                    help="Write the summary table into FILE (e.g. docs/RESULTS.md).")
+    ap.add_argument("--quick", action="store_true", help="A few steps only (CI smoke run).")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="Only print the planned recipe of each config's train split.")
+    args = ap.parse_args(argv)
+    names = args.config or [{"nasa_super": "Super1", "nasa_ebc": "EBC1"}[
+        args.dataset or "nasa_super"]]
+    if names == ["all"]:
+        names = list(CONFIGS)
+    seeds = args.seeds or [args.seed or 0]
+    jobs = [(args.dataset or CONFIGS.get(c, "nasa_super"), c, s) for c in names for s in seeds]
+    out = args.out.resolve()
+    if args.plan_only:
+        for d, c in dict.fromkeys((d, c) for d, c, _ in jobs):
+            show_plan(d, c, args, out / c)
+        return 0
+    results = [run_one(d, c, s, args, out if len(jobs) == 1 else out / f"{c}-s{s}")
+               for d, c, s in jobs]
+    table = summary_table(results)
+    print("\n" + table)
+    if len(jobs) > 1:
+        (out / "summary.json").write_text(json.dumps(
+            {"table": table, "runs": [{k: r[k] for k in ("dataset", "config", "seed", "test",
+                                                          "seconds", "budget")}
+                                      for r in results]}, indent=1))
+    if args.results_md is not None:
+        write_markdown(args.results_md, table, "python examples/real_data.py "
+                       + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
     return 0
 
 

@@ -19,6 +19,7 @@ _LAZY = {
     "convert": "semdask.ingest.convert",
     "label": "semdask.labelling.label",
     "train": "semdask.training.train",
+    "pretrain": "semdask.training.pretrain",
     "segment": "semdask.inference.segment",
     "analyze": "semdask.analysis.quantify",
     "evaluate": "semdask.analysis.evaluate",
@@ -27,6 +28,7 @@ _LAZY = {
     # reading stores and models
     "open_mosaic": "semdask.storage.io",
     "open_labels": "semdask.storage.io",
+    "open_dataarray": "semdask.storage.xarrays",
     "load_model": "semdask.nets.model",
     "phase_fractions": "semdask.analysis.metrics",
 }

@@ -22,7 +22,7 @@ from typing import Any
 import dask.config
 import yaml
 
-__all__ = ["get", "resolve"]
+__all__ = ["get", "packaged", "resolve"]
 
 _fn = os.path.join(os.path.dirname(__file__), "semdask.yaml")
 with open(_fn) as _f:
@@ -39,3 +39,17 @@ def get(key: str, default: Any = None) -> Any:
 def resolve(value: Any, key: str) -> Any:
     """Return ``value`` unless it is None, else the configured ``semdask.<key>``."""
     return get(key) if value is None else value
+
+
+def packaged(key: str) -> Any:
+    """Return ``semdask.<key>`` as packaged in ``semdask.yaml`` (None when absent).
+
+    A configured value that differs from it was set by the user (a dask YAML file,
+    a ``DASK_SEMDASK__...`` environment variable or ``dask.config.set``).
+    """
+    node: Any = _defaults.get("semdask", {})
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node

@@ -15,9 +15,12 @@ image: expected a 2-D (y, x) array, got shape (3, 5, 5). Fix: pass one plane, e.
 from __future__ import annotations
 
 __all__ = [
+    "DamagedOutputError",
+    "ForeignOutputError",
     "IncompleteOutputError",
     "InputError",
     "ModelError",
+    "OutputLockedError",
     "SemdaskError",
     "StoreError",
     "UnsafePathError",
@@ -95,5 +98,29 @@ class IncompleteOutputError(StoreError):
     exit_code = 3
 
 
+class DamagedOutputError(StoreError):
+    """An output marked complete no longer matches its ledger (a shard deleted or altered)."""
+
+    exit_code = 3
+
+
 class ModelError(SemdaskError):
     """A model file or config is invalid, unsafe or incompatible with the data."""
+
+
+class ForeignOutputError(UnsafePathError):
+    """An output holds data ``semdask segment`` did not write, or overlaps the input.
+
+    Another mosaic, its image, labels of another tool, a path inside the input: semdask
+    never replaces or writes into them, whatever the flags.
+    """
+
+
+class OutputLockedError(StoreError):
+    """Another writer holds the output's writer lock (``<store>.semdask-lock``), or held it.
+
+    Exit status 73 (EX_CANTCREAT): the output cannot be written now; not 75, which
+    job scripts treat as "requeue and resume".
+    """
+
+    exit_code = 73

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from semdask.nets.model import ModelConfig, UNet, receptive_field, save_model
+from semdask.nets.model import ModelConfig, receptive_field, save_model
+from semdask.nets.unet import UNet
 from semdask.synthetic.sem import COLOURS, PHASES
 
 
@@ -33,7 +34,7 @@ def _torch_determinism() -> None:
 @pytest.fixture
 def tiny_unet() -> torch.nn.Module:
     """A randomly initialised 3-level U-Net (multiple of 4 px), eval mode."""
-    from semdask.nets.model import UNet
+    from semdask.nets.unet import UNet
 
     torch.manual_seed(1)
     m = UNet(in_channels=1, n_classes=3, widths=(4, 8, 8), dropout=(0.0, 0.0, 0.0))

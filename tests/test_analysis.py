@@ -15,14 +15,8 @@ from click.testing import CliRunner
 from scipy import ndimage as ndi
 
 from semdask.analysis import morphology as mo
-from semdask.analysis.quantify import (
-    analyze,
-    analyze_labels,
-    analyze_series,
-    label_components,
-    write_analysis,
-    write_series,
-)
+from semdask.analysis.quantify import analyze, analyze_labels, analyze_series, label_components
+from semdask.analysis.report import write_analysis, write_series
 from semdask.cli.main import main
 from semdask.errors import InputError, StoreError
 from semdask.storage import io as sio

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,9 +28,12 @@ def _run(script: str, *args: str, timeout: int = 300) -> str:
 def test_training_benchmark_prints_both_halves_and_ratios() -> None:
     out = _run("training.py", "--shape", "256", "256", "--window", "64", "--batch-size", "2",
                "--batches", "2", "--steps", "1", "--workers", "0", "--device", "cpu",
-               "--threads", "1")
+               "--threads", "1", "--rounds", "1", "--sizes", "32x2")
     assert "amp False" in out
-    assert re.search(r"\(b\) training step .*: +[\d.]+ patches/s", out)
+    for setting in ("before", "after "):  # old and new step, side by side
+        assert re.search(rf"\(b\) training step .*, {setting}: +[\d.]+ patches/s", out)
+    assert re.search(r"after / before = +[\d.]+x", out)
+    assert re.search(r"window +32, batch +2: +[\d.]+ patches/s", out)
     assert re.search(r"\(a\) loader \+ augment, 0 workers: +[\d.]+ patches/s +\(c\) "
                      r"loader/step = +[\d.]+", out)
     assert re.search(r"reading alone .*: +[\d.]+ patches/s; augmentation alone", out)
@@ -66,3 +71,15 @@ def test_scaling_benchmark_reports_memory_ratio() -> None:
                "--threads", "1")
     assert re.search(r"peak worker RSS +[\d.]+x", out), out
     assert re.search(r"throughput +[\d.]+x", out)
+
+
+@pytest.mark.slow  # three Python processes (synth, semdask, MONAI): ~20 s on 2 idle cores
+def test_monai_comparison_prints_both_sides_and_the_ratio() -> None:
+    pytest.importorskip("monai")
+    out = _run("monai_compare.py", "--shape", "256", "--repeats", "1", "--monai-threads", "1")
+    assert re.search(r"256² run 1: semdask +[\d.]+ s +MONAI \(1 thr\) +[\d.]+ s = [\d.]+x", out)
+    ratio = re.search(r"256² speed ratio \(fastest MONAI, 1 thr, s / semdask s\): ([\d.]+)x",
+                      out)
+    assert ratio and float(ratio.group(1)) > 0, out
+    agree = re.search(r"labels agree ([\d.]+) %", out)
+    assert agree and 90.0 <= float(agree.group(1)) <= 100.0, out  # same model, two engines

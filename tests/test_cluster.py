@@ -154,7 +154,7 @@ def test_kubernetes_gpu_worker_group(monkeypatch: pytest.MonkeyPatch) -> None:
     group = calls["add_worker_group"]
     assert (group["name"], group["n_workers"]) == ("gpu", 3)
     assert group["worker_command"][-2:] == ["--resources", "GPU=1"]
-    assert group["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert group["resources"]["limits"]["nvidia.com/gpu"] == "1"  # the CRD types it a string
     assert calls["adapt"] == {"minimum": 1, "maximum": 4}
 
 
@@ -169,8 +169,68 @@ def test_slurm_job_script_of_the_profile(env: pytest.MonkeyPatch, tmp_path: Path
     assert script.count("--resources GPU=1") == 1  # not added twice
     with pytest.raises(InputError, match=r"cores=8, memory="):
         cluster.job_script("slurm", cores=0, memory="0")
-    with pytest.raises(InputError, match="profile 'slurm'"):
+    with pytest.raises(InputError, match="a profile of kind slurm"):
         cluster.job_script("local")
+
+
+SITE_PROFILES = """
+semdask:
+  cluster:
+    profiles:
+      slurm-gpu: {kind: slurm, queue: gpu, walltime: "04:00:00"}
+      slurm-cpu:
+        kind: slurm
+        queue: cpu
+        job-extra-directives: []
+        gpu-resources: false
+      laptop: {kind: local, n-workers: 1, threads-per-worker: 2}
+      broken: {kind: pbs}
+"""
+
+
+@pytest.fixture
+def site_profiles(tmp_path: Path) -> Iterator[None]:
+    """A site's YAML that defines several named profiles of the same kinds."""
+    (tmp_path / "site.yaml").write_text(SITE_PROFILES)
+    site = dask.config.collect([str(tmp_path / "site.yaml")], env={})
+    profiles = site["semdask"]["cluster"]["profiles"]  # merged like ~/.config/dask/*.yaml
+    with dask.config.set({f"semdask.cluster.profiles.{k}": v for k, v in profiles.items()}):
+        yield
+
+
+def test_site_defines_named_profiles_of_one_kind(site_profiles: None) -> None:
+    from semdask.cluster.profiles import profile_kind, profile_names
+
+    names = profile_names()
+    assert names[: len(cluster.PROFILES)] == cluster.PROFILES
+    assert {"slurm-gpu", "slurm-cpu", "laptop"} <= set(names)
+    assert profile_kind("slurm-gpu") == profile_kind("slurm-cpu") == "slurm"
+    gpu, cpu = cluster.profile_config("slurm-gpu"), cluster.profile_config("slurm-cpu")
+    # each starts from the packaged slurm defaults, then its own keys
+    assert gpu["queue"] == "gpu" and gpu["walltime"] == "04:00:00" and gpu["cores"] == 8
+    assert cpu["queue"] == "cpu" and cpu["walltime"] == "02:00:00"
+    assert cluster.profile_has_gpu_workers("slurm-gpu")
+    assert not cluster.profile_has_gpu_workers("slurm-cpu")
+    kw = cluster.local_cluster_kwargs(profile="laptop")
+    assert (kw["n_workers"], kw["threads_per_worker"]) == (1, 2)
+    with pytest.raises(InputError, match="kind: one of local, local-cuda, slurm"):
+        cluster.profile_config("broken")
+    with pytest.raises(InputError, match="slurm-gpu"):  # the error lists the site's profiles
+        cluster.resolve_profile("slurm-gpx")
+
+
+def test_job_script_of_a_named_slurm_profile(site_profiles: None, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("dask_jobqueue")
+    monkeypatch.chdir(tmp_path)
+    gpu, cpu = cluster.job_script("slurm-gpu"), cluster.job_script("slurm-cpu")
+    assert "#SBATCH -p gpu" in gpu and "#SBATCH -t 04:00:00" in gpu and "--resources GPU=1" in gpu
+    assert "#SBATCH -p cpu" in cpu and "--gres" not in cpu and "GPU=1" not in cpu
+    r = CliRunner().invoke(main, ["cluster-info", "--profile", "slurm-cpu"])
+    assert r.exit_code == 0, r.output
+    info = yaml.safe_load(r.output.split("# job script")[0])
+    assert info["kind"] == "slurm" and info["settings"]["queue"] == "cpu"
+    assert "#SBATCH -p cpu" in r.output
 
 
 # --- a real local cluster -----------------------------------------------------------------------

@@ -15,9 +15,11 @@ from PIL import Image
 
 from semdask.cli.main import main
 from semdask.errors import InputError, UnsafePathError
-from semdask.ingest.convert import convert, convert_each, databar_rows, image_to_dask
-from semdask.ingest.readers import open_image, unit_to_um
+from semdask.ingest.convert import convert, convert_each, image_to_dask
+from semdask.ingest.databar import databar_rows
+from semdask.ingest.readers import open_image
 from semdask.ingest.tilegrid import TileGrid, read_tile_offsets
+from semdask.ingest.vendors import unit_to_um
 from semdask.storage import io as sio
 
 RNG = np.random.default_rng(0)
@@ -260,10 +262,10 @@ def test_pixel_size_flag_wins_and_missing_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="semdask"):
         m = convert(tmp_path / "v.tif", tmp_path / "v.ome.zarr", pixel_size_um=0.05)
         assert m.pixel_size_um == pytest.approx(0.05)
-        assert "overrides the FEI/Thermo Fisher tag" in caplog.text
+        assert "overrides the FEI/Thermo Fisher metadata" in caplog.text
         m = convert(tmp_path / "n.tif", tmp_path / "n.ome.zarr")
         assert m.pixel_size_um is None
-        assert "no pixel size" in caplog.text
+        assert "pixel size unknown" in caplog.text and "--pixel-size" in caplog.text
     with pytest.raises(InputError, match="positive"):
         convert(tmp_path / "n.tif", tmp_path / "x.ome.zarr", pixel_size_um=-1.0)
     assert unit_to_um(1.5, "µm") == 1.5

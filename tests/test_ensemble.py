@@ -25,7 +25,9 @@ from semdask.inference.ensemble import (
 from semdask.inference.graph import blended_probs, plan_inference
 from semdask.inference.normalise import NormStats
 from semdask.inference.segment import segment
-from semdask.nets.model import ModelConfig, UNet, receptive_field, save_model
+from semdask.nets.model import ModelConfig, receptive_field, save_model
+from semdask.nets.unet import UNet
+from semdask.storage import arrays as sarr
 from semdask.storage import io as sio
 from semdask.storage.ledger import verify
 from semdask.synthetic.sem import COLOURS, PHASES, synthetic_mosaic
@@ -129,7 +131,7 @@ def test_ensemble_mean_is_average_of_members(mosaic: Path, models: dict[str, Pat
     ref = -(p * np.log(p)).sum(0) / np.log(4)
     np.testing.assert_allclose(e["entropy"], ref, atol=5e-3)
     assert e["entropy"].min() >= 0.0 and e["entropy"].max() <= 1.0
-    prov = sio.read_attrs(tmp_path / "e.ome.zarr", "labels/phases")["semdask"]["provenance"]
+    prov = sarr.read_attrs(tmp_path / "e.ome.zarr", "labels/phases")["semdask"]["provenance"]
     assert [m["path"] for m in prov["ensemble"]["members"]] == [str(models["a"]),
                                                                  str(models["b"])]
     assert "predicted class" in prov["ensemble"]["uncertainty"]
@@ -202,9 +204,9 @@ def test_new_arrays_have_valid_ome_metadata(mosaic: Path, models: dict[str, Path
     out = tmp_path / "o.ome.zarr"
     segment(mosaic, model=[models["a"], models["b"]], output=out, chunk=96, confidence=True,
             uncertainty=True, **GEOM)
-    conf = sio.read_attrs(out, "confidence")
+    conf = sarr.read_attrs(out, "confidence")
     for g in ("uncertainty", "entropy"):
-        attrs = sio.read_attrs(out, g)
+        attrs = sarr.read_attrs(out, g)
         parsed = ImageAttrs.model_validate(attrs["ome"])
         assert [a.name for a in parsed.multiscales[0].axes] == ["y", "x"]
         assert attrs["ome"]["multiscales"][0]["axes"] == conf["ome"]["multiscales"][0]["axes"]
@@ -258,7 +260,7 @@ def test_cli_ensemble_prefix_with_tta(mosaic: Path, models: dict[str, Path],
                                   "-o", str(out), "--no-cluster"])
     assert r.exit_code == 0, r.output
     assert "ensemble of 2 model(s) x 8 TTA views" in r.output
-    prov = sio.read_attrs(out, "labels/phases")["semdask"]["provenance"]["ensemble"]
+    prov = sarr.read_attrs(out, "labels/phases")["semdask"]["provenance"]["ensemble"]
     assert prov["tta"] is True and prov["views"] == 8 and len(prov["members"]) == 2
     assert float(np.asarray(sio.open_extra_image(out, "uncertainty").max())) > 0
 

@@ -23,9 +23,11 @@ import pytest
 from click.testing import CliRunner
 
 from semdask.cli.main import main
+from semdask.errors import OutputLockedError
 from semdask.inference.segment import segment
 from semdask.storage import io as sio
-from semdask.storage.ledger import LEDGER, Ledger, verify
+from semdask.storage.integrity import LEDGER
+from semdask.storage.ledger import Ledger, verify
 from semdask.synthetic.sem import synthetic_mosaic
 
 BLOCKS = 20
@@ -129,6 +131,10 @@ def test_killed_driver_resume_recomputes_only_missing_blocks(
     have = _records(mosaic)
     assert 4 <= have < BLOCKS
     assert not verify(mosaic).ok
+    # the killed driver's writer lock is named as stale, never broken silently (test_lock.py)
+    with pytest.raises(OutputLockedError, match=f"process {proc.pid} is no longer running"):
+        segment(mosaic, model=model_file, chunk=64, resume=True, progress=False)
+    assert CliRunner().invoke(main, ["unlock", str(mosaic)]).exit_code == 0
     r = segment(mosaic, model=model_file, chunk=64, resume=True, progress=False)
     assert r.blocks_computed == BLOCKS - have < BLOCKS
     _same(mosaic, reference)
@@ -188,7 +194,7 @@ def test_sigterm_drains_and_resume_completes(mosaic: Path, model_file: Path,
 
 def test_sigterm_drains_the_threaded_scheduler_too(mosaic: Path, model_file: Path,
                                                    reference: np.ndarray) -> None:
-    from semdask.inference.batch import EX_TEMPFAIL, InterruptedRun, drain_on_sigterm
+    from semdask.inference.runner import EX_TEMPFAIL, InterruptedRun, drain_on_sigterm
 
     def term_after_first_block() -> None:
         _wait_for(lambda: _records(mosaic) >= 1)

@@ -20,6 +20,8 @@ from ome_zarr_models.v05.labels import Labels as Labels05
 
 from semdask import __version__
 from semdask.errors import IncompleteOutputError, StoreError, UnsafePathError
+from semdask.paths import validate_input_path, validate_output_path
+from semdask.storage import arrays as sarr
 from semdask.storage import io
 from semdask.storage.export import export_ngff04
 
@@ -158,29 +160,29 @@ def test_extra_image_and_shared_store_graph(store: io.Mosaic) -> None:
                                   dtype=np.float16, chunk=64)
     with pytest.raises(IncompleteOutputError):
         io.open_labels(store.path, "pred")
-    delayed = io.store_blocks([p.argmax(0).astype(np.uint8), p.max(0).astype(np.float16)],
+    delayed = sarr.store_blocks([p.argmax(0).astype(np.uint8), p.max(0).astype(np.float16)],
                               [lab_t, conf_t], compute=False)
     delayed.compute()
-    io.finish_group(store.path, "labels/pred")
-    io.finish_group(store.path, "confidence")
+    sarr.finish_group(store.path, "labels/pred")
+    sarr.finish_group(store.path, "confidence")
     np.testing.assert_array_equal(io.open_labels(store.path, "pred").data, probs.argmax(0))
     assert io.open_extra_image(store.path, "confidence", level=1).shape == (150, 205)
 
 
 def test_store_blocks_rejects_misaligned_chunks(tmp_path: Path) -> None:
     g = zarr.create_group(tmp_path / "s.zarr", zarr_format=3)
-    arr = io.create_array(g, "x", shape=(100, 100), dtype="u1", shard=(32, 32),
+    arr = sarr.create_array(g, "x", shape=(100, 100), dtype="u1", shard=(32, 32),
                           dimension_names=("y", "x"))
     assert arr.shards == (32, 32)
     x = da.zeros((100, 100), dtype="u1", chunks=(40, 32))
     with pytest.raises(StoreError, match="rechunk"):
-        io.store_blocks([x], [arr])
+        sarr.store_blocks([x], [arr])
     with pytest.raises(StoreError, match="shape"):
-        io.store_blocks([da.zeros((10, 10), dtype="u1")], [arr])
+        sarr.store_blocks([da.zeros((10, 10), dtype="u1")], [arr])
     ok = da.ones((100, 100), dtype="u1", chunks=(64, 96))  # multiples of the shard are fine
-    io.store_blocks([ok], [arr])
+    sarr.store_blocks([ok], [arr])
     assert (arr[:] == 1).all()
-    io.store_blocks([io.align_to(x + 2, arr)], [arr])
+    sarr.store_blocks([sarr.align_to(x + 2, arr)], [arr])
     assert (arr[:] == 2).all()
 
 
@@ -188,27 +190,27 @@ def test_incomplete_outputs_raise(store: io.Mosaic) -> None:
     lab = np.zeros(store.image.shape, np.uint8)
     io.write_labels(store.path, lab, classes=CLASSES)
     io.write_extra_image(store.path, "confidence", np.zeros(store.image.shape, np.float16))
-    io.set_complete(store.path, "labels/phases", False)
-    io.set_complete(store.path, "confidence", False)
+    sarr.set_complete(store.path, "labels/phases", False)
+    sarr.set_complete(store.path, "confidence", False)
     with pytest.raises(IncompleteOutputError, match="re-run"):
         io.open_labels(store.path)
     with pytest.raises(IncompleteOutputError, match="re-run"):
         io.open_extra_image(store.path, "confidence")
-    io.set_complete(store.path, "", False)
+    sarr.set_complete(store.path, "", False)
     with pytest.raises(IncompleteOutputError):
         io.open_mosaic(store.path)
-    assert io.read_attrs(store.path)["semdask"]["complete"] is False
+    assert sarr.read_attrs(store.path)["semdask"]["complete"] is False
 
 
 def test_read_update_attrs(store: io.Mosaic) -> None:
-    io.update_attrs(store.path, "", {"normalisation": {"low": np.float32(1.5)}})
-    sem = io.read_attrs(store.path)["semdask"]
+    sarr.update_attrs(store.path, "", {"normalisation": {"low": np.float32(1.5)}})
+    sem = sarr.read_attrs(store.path)["semdask"]
     assert sem["normalisation"] == {"low": 1.5}
     assert sem["complete"] is True
-    io.update_attrs(store.path, "", {"note": "hi"}, key=None)
-    assert io.read_attrs(store.path)["note"] == "hi"
+    sarr.update_attrs(store.path, "", {"note": "hi"}, key=None)
+    assert sarr.read_attrs(store.path)["note"] == "hi"
     with pytest.raises(StoreError):
-        io.read_attrs(store.path, "nope")
+        sarr.read_attrs(store.path, "nope")
 
 
 def test_missing_labels_message(store: io.Mosaic) -> None:
@@ -230,47 +232,47 @@ def test_validate_output_path_safety(tmp_path: Path) -> None:
     plain.mkdir()
     (plain / "precious.txt").write_text("keep")
     with pytest.raises(UnsafePathError, match="not a Zarr store"):
-        io.validate_output_path(plain, overwrite=True)
+        validate_output_path(plain, overwrite=True)
     assert (plain / "precious.txt").exists()
     f = tmp_path / "file.txt"
     f.write_text("x")
     with pytest.raises(UnsafePathError, match="file"):
-        io.validate_output_path(f, overwrite=True)
+        validate_output_path(f, overwrite=True)
     inp = tmp_path / "in.ome.zarr"
     inp.mkdir()
     with pytest.raises(UnsafePathError, match="input"):
-        io.validate_output_path(inp / "out.zarr", overwrite=False, input_path=inp)
+        validate_output_path(inp / "out.zarr", overwrite=False, input_path=inp)
     with pytest.raises(UnsafePathError, match="input"):
-        io.validate_output_path(inp, overwrite=True, input_path=inp)
+        validate_output_path(inp, overwrite=True, input_path=inp)
     link = tmp_path / "link.zarr"
     link.symlink_to(inp)
     with pytest.raises(UnsafePathError, match="symlink"):
-        io.validate_output_path(link, overwrite=True)
-    new = io.validate_output_path(tmp_path / "a" / "b" / "c.zarr", overwrite=False)
+        validate_output_path(link, overwrite=True)
+    new = validate_output_path(tmp_path / "a" / "b" / "c.zarr", overwrite=False)
     assert new.parent.is_dir()
     assert not new.exists()
     with pytest.raises(UnsafePathError, match="parent"):
-        io.validate_output_path(f / "sub.zarr", overwrite=False)
+        validate_output_path(f / "sub.zarr", overwrite=False)
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert io.validate_output_path(empty, overwrite=False) == empty.resolve()
+    assert validate_output_path(empty, overwrite=False) == empty.resolve()
 
 
 def test_validate_input_path(tmp_path: Path) -> None:
     f = tmp_path / "a.tif"
     f.write_bytes(b"II*\x00")
-    assert io.validate_input_path(f, kind="file") == f.resolve()
+    assert validate_input_path(f, kind="file") == f.resolve()
     with pytest.raises(UnsafePathError, match="directory"):
-        io.validate_input_path(f, kind="dir")
+        validate_input_path(f, kind="dir")
     with pytest.raises(UnsafePathError, match="a file"):
-        io.validate_input_path(tmp_path, kind="file")
+        validate_input_path(tmp_path, kind="file")
     link = tmp_path / "l.tif"
     link.symlink_to(f)
-    assert io.validate_input_path(link) == f.resolve()
+    assert validate_input_path(link) == f.resolve()
     broken = tmp_path / "broken"
     broken.symlink_to(tmp_path / "gone")
     with pytest.raises(UnsafePathError, match="broken symlink"):
-        io.validate_input_path(broken)
+        validate_input_path(broken)
 
 
 def test_open_mosaic_errors(tmp_path: Path) -> None:
@@ -346,5 +348,5 @@ def test_write_synthetic(tmp_path: Path) -> None:
     np.testing.assert_array_equal(truth.data.compute(), s.truth.compute())
     eds = io.open_extra_image(m.path, "eds")
     np.testing.assert_array_equal(eds.compute(), s.eds.compute())
-    assert io.read_attrs(m.path, "eds")["semdask"]["pixel_size_um"] == 4 * s.pixel_size_um
+    assert sarr.read_attrs(m.path, "eds")["semdask"]["pixel_size_um"] == 4 * s.pixel_size_um
     Image.from_zarr(zarr.open_group(m.path, mode="r"))

@@ -18,21 +18,16 @@ from scipy import ndimage as ndi
 from semdask.analysis.metrics import confusion_matrix, scores_from_confusion
 from semdask.cli.main import main
 from semdask.errors import InputError
-from semdask.labelling.features import (
-    FeatureSpec,
-    estimate_shift,
-    multiscale_features,
+from semdask.labelling.annotations import (
     parse_annotations,
     rasterise,
-)
-from semdask.labelling.label import (
-    feature_stack,
-    label,
-    load_eds,
     read_annotations,
-    register_eds,
     synthetic_scribbles,
 )
+from semdask.labelling.features import FeatureSpec, multiscale_features
+from semdask.labelling.label import feature_stack, label
+from semdask.labelling.registration import estimate_shift, load_eds, register_eds
+from semdask.storage import arrays as sarr
 from semdask.storage import io
 from semdask.synthetic.sem import PHASES, render_region, synthetic_mosaic
 
@@ -134,7 +129,7 @@ def test_rf_labels_beat_90_percent_and_eds_helps(store):
     c = conf.compute().astype(np.float32)
     assert c.min() >= 0.25
     assert c.max() <= 1.0
-    assert "training weight" in json.dumps(io.read_attrs(store, "rf-eds-confidence"))
+    assert "training weight" in json.dumps(sarr.read_attrs(store, "rf-eds-confidence"))
 
 
 def test_injected_classifiers_are_used(store):

@@ -15,9 +15,12 @@ from semdask.cli.main import main
 from semdask.errors import InputError
 from semdask.inference.batch import Item, read_manifest
 from semdask.inference.segment import segment
-from semdask.nets.model import ModelConfig, UNet, receptive_field, save_model
+from semdask.nets.model import ModelConfig, receptive_field, save_model
+from semdask.nets.unet import UNet
+from semdask.storage import arrays as sarr
 from semdask.storage import io as sio
-from semdask.storage.ledger import Ledger, block_slices, checksum, run_key, verify
+from semdask.storage.integrity import block_slices, checksum
+from semdask.storage.ledger import Ledger, run_key, verify
 from semdask.synthetic.sem import COLOURS, PHASES, synthetic_mosaic
 
 
@@ -116,7 +119,7 @@ def test_resume_recomputes_only_missing_blocks(done: Path, clean: Path,
     led = Ledger(done, "labels/phases")
     for f in sorted(led.dir.glob("b.*.json"))[:3]:
         f.unlink()
-    sio.set_complete(done, "labels/phases", False)
+    sarr.set_complete(done, "labels/phases", False)
     a = verify(done)
     assert not a.ok and len(a.problems) == 3 and "labels/phases" in a.incomplete
     assert set(a.problems.values()) == {"not recorded"}
@@ -216,7 +219,7 @@ def test_watch_once_segments_complete_mosaics_only(tmp_path: Path, clean: Path,
     inbox.mkdir()
     sio.write_synthetic(inbox / "new.ome.zarr", synthetic_mosaic((300, 420), seed=7, chunk=256))
     shutil.copytree(clean, inbox / "copying.ome.zarr")
-    sio.set_complete(inbox / "copying.ome.zarr", "", False)  # a writer still busy
+    sarr.set_complete(inbox / "copying.ome.zarr", "", False)  # a writer still busy
     args = ["watch", str(inbox), "--once", "--model", str(model_file), "--chunks", "128",
             "--no-cluster", "--output-dir", str(tmp_path / "out")]
     r = CliRunner().invoke(main, args)

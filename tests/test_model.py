@@ -14,8 +14,6 @@ import yaml
 from semdask.errors import ModelError
 from semdask.nets.model import (
     ModelConfig,
-    UNet,
-    _interval,
     bundled_model_path,
     get_model,
     load_model,
@@ -23,6 +21,7 @@ from semdask.nets.model import (
     receptive_field,
     save_model,
 )
+from semdask.nets.unet import UNet, _interval
 
 
 @pytest.mark.parametrize(
@@ -212,7 +211,8 @@ def test_bundled_model() -> None:
 def test_architecture_dispatch_and_aliases(tmp_path) -> None:
     from safetensors.torch import save_file
 
-    from semdask.nets.model import ARCHITECTURES, ResUNet, build_model
+    from semdask.nets.model import ARCHITECTURES, build_model
+    from semdask.nets.resunet import ResUNet
 
     assert set(ARCHITECTURES) == {"unet", "resunet"}
     net = UNet(widths=(4, 8, 16))

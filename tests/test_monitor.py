@@ -19,7 +19,8 @@ import torch
 from semdask.cluster import monitor
 from semdask.cluster.dashboard import BlockBoard
 from semdask.inference.segment import segment
-from semdask.nets.model import ModelConfig, UNet, receptive_field, save_model
+from semdask.nets.model import ModelConfig, receptive_field, save_model
+from semdask.nets.unet import UNet
 from semdask.storage import io as sio
 from semdask.synthetic.sem import COLOURS, PHASES, synthetic_mosaic
 

@@ -14,7 +14,8 @@ from PIL import Image
 
 from semdask.cli.main import main
 from semdask.errors import InputError, UnsafePathError
-from semdask.ingest.convert import convert, convert_each, read_classes
+from semdask.ingest.convert import convert, convert_each
+from semdask.ingest.labelimport import read_classes
 from semdask.storage import io as sio
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,3 +187,45 @@ def test_example_quick_run_writes_results(tmp_path: Path) -> None:
     assert res["ids"]["test"] == META["splits"]["test"]
     assert any(c.startswith("semdask -v train") for c in res["commands"])
     assert "mIoU" in r.stdout and "tertiary gamma-prime" in r.stdout
+
+
+def test_example_summary_table_and_results_markdown(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import real_data
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+
+    def run(config: str, seed: int, miou: float, crack: float) -> dict[str, object]:
+        return {"config": config, "seed": seed, "budget": "30m", "seconds": {"train": 1800.0},
+                "test": {"miou": miou, "accuracy": 0.9,
+                         "classes": {"bg": {"iou": 2 * miou - crack}, "crack": {"iou": crack}}}}
+
+    table = real_data.summary_table([run("EBC1", 0, 0.5, 0.2), run("EBC1", 1, 0.7, 0.4),
+                                     run("Super3", 0, 0.8, 0.6)])
+    lines = table.splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| EBC1 | 0, 1 | 30m |")
+    assert "**0.600 ± 0.141**" in lines[2] and "crack 0.300 ± 0.141" in lines[2]
+    assert "**0.800**" in lines[3] and "90.0 % | 1800 s" in lines[3]
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\nkept above\n")
+    real_data.write_markdown(md, table, "python examples/real_data.py --config all")
+    real_data.write_markdown(md, "| new |", "python examples/real_data.py --config EBC1")
+    text = md.read_text()
+    assert text.startswith("# Results\n\nkept above\n") and text.count("real-data-table:start") == 1
+    assert "| new |" in text and "Super3" not in text
+
+
+def test_example_plan_only_prints_the_planned_recipe(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import real_data
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    assert real_data.main(["--data-root", str(DATA.parent), "--plan-only", "--budget", "30m",
+                           "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "plan (budget 1800 s)" in out and "tertiary gamma-prime:" in out
+    assert "scale           1.0" in out  # tertiary gamma-prime is ~3 px wide: no downscaling
+    assert not (tmp_path / "results.json").exists()

@@ -20,7 +20,9 @@ from semdask.inference.rescale import (
     target_shape,
 )
 from semdask.inference.segment import segment
-from semdask.nets.model import ModelConfig, UNet, receptive_field, save_model
+from semdask.nets.model import ModelConfig, receptive_field, save_model
+from semdask.nets.unet import UNet
+from semdask.storage import arrays as sarr
 from semdask.storage import io as sio
 from semdask.synthetic.sem import COLOURS, PHASES, synthetic_mosaic
 
@@ -93,7 +95,7 @@ def test_segment_at_twice_the_model_pixel_size(tmp_path: Path, model_file: Path)
     probs = np.asarray(sio.open_extra_image(p, "probs").compute(), np.float32)
     assert probs.shape == (4, 200, 264)
     np.testing.assert_allclose(probs.sum(0), 1.0, atol=4e-3)
-    prov = sio.read_attrs(p, "labels/a")["semdask"]["provenance"]
+    prov = sarr.read_attrs(p, "labels/a")["semdask"]["provenance"]
     assert prov["rescale"]["factor"] == pytest.approx(2.0)
     assert prov["rescale"]["model_scale_shape"] == [400, 528]
     # chunk-invariant end to end (resample -> blended windows -> resample back)
@@ -103,7 +105,7 @@ def test_segment_at_twice_the_model_pixel_size(tmp_path: Path, model_file: Path)
     r = segment(p, model=model_file, chunk=64, name="c", progress=False, rescale=False,
                 probs=True, overwrite=True)
     assert r.rescale == 1.0
-    assert sio.read_attrs(p, "labels/c")["semdask"]["provenance"]["rescale"]["factor"] == 1.0
+    assert sarr.read_attrs(p, "labels/c")["semdask"]["provenance"]["rescale"]["factor"] == 1.0
     other = np.asarray(sio.open_extra_image(p, "probs").compute(), np.float32)
     assert not np.array_equal(other, probs)
 
@@ -146,6 +148,6 @@ def test_cli_segment_rescale_flag(tmp_path: Path, model_file: Path) -> None:
     assert "resampled by 2" in r.output
     r = CliRunner().invoke(main, [*base, "--name", "off", "--no-rescale"])
     assert r.exit_code == 0, r.output
-    factors = [sio.read_attrs(p, f"labels/{n}")["semdask"]["provenance"]["rescale"]["factor"]
+    factors = [sarr.read_attrs(p, f"labels/{n}")["semdask"]["provenance"]["rescale"]["factor"]
                for n in ("auto", "off")]
     assert factors == [pytest.approx(2.0), 1.0]

@@ -14,7 +14,9 @@ from click.testing import CliRunner
 from semdask.cli.main import main
 from semdask.errors import IncompleteOutputError, InputError, ModelError, UnsafePathError
 from semdask.inference.segment import segment
-from semdask.nets.model import ModelConfig, UNet, receptive_field, save_model
+from semdask.nets.model import ModelConfig, receptive_field, save_model
+from semdask.nets.unet import UNet
+from semdask.storage import arrays as sarr
 from semdask.storage import io as sio
 from semdask.synthetic.sem import COLOURS, PHASES, synthetic_mosaic
 
@@ -39,7 +41,7 @@ def test_segment_writes_labels_probs_confidence(mosaic: Path, model_file: Path) 
     labels = np.asarray(lab.data.compute())
     agree = (labels == probs.argmax(0)).mean()
     assert agree > 0.99  # argmax of float16-rounded probs may flip near-ties
-    prov = sio.read_attrs(mosaic, "labels/phases")["semdask"]["provenance"]
+    prov = sarr.read_attrs(mosaic, "labels/phases")["semdask"]["provenance"]
     assert prov["model"]["sha256"] == r.model_sha256
     assert prov["plan"]["halo"] == r.plan.halo
     # chunk shards: every write was shard-aligned (the shard edge is the chunk edge)

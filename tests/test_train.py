@@ -12,12 +12,14 @@ import torch
 from click.testing import CliRunner
 from torch.utils.data import DataLoader
 
-from semdask.errors import InputError
+from semdask.errors import InputError, ModelError
 from semdask.inference.normalise import apply, compute_stats
-from semdask.nets.model import UNet, load_model
+from semdask.nets.model import load_model
+from semdask.nets.unet import UNet
 from semdask.storage import io
 from semdask.synthetic.sem import COLOURS, PHASES, SynthParams, synthetic_mosaic
-from semdask.training.dataset import PatchDataset, WindowSampler, augment, split_rows
+from semdask.training.dataset import PatchDataset, augment
+from semdask.training.samplers import WindowSampler, split_rows
 from semdask.training.train import train
 
 TINY = (4, 8, 16)  # widths of a fast test U-Net
@@ -297,7 +299,7 @@ def test_train_resunet_frozen_encoder(stores, tmp_path) -> None:
     for k, v in saved.items():  # frozen: weights and BatchNorm statistics unchanged
         torch.testing.assert_close(state[k], v)
     assert not torch.equal(state["head.weight"], ResUNet(**kw).state_dict()["head.weight"])
-    with pytest.raises(InputError, match="resunet"):
+    with pytest.raises(ModelError, match=r"ResUNet encoder.*--arch resunet"):  # unet: refused
         train(stores, tmp_path / "u.safetensors", encoder_weights=enc)
 
 

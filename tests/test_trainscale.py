@@ -13,6 +13,7 @@ from semdask.errors import InputError
 from semdask.inference.rescale import resample_nearest, resample_numpy
 from semdask.inference.segment import segment
 from semdask.nets.model import load_model
+from semdask.storage import arrays as sarr
 from semdask.storage import io
 from semdask.synthetic.sem import COLOURS, PHASES, synthetic_mosaic
 from semdask.training.scale import factors_for, rescale_store, training_scale
@@ -61,7 +62,7 @@ def test_rescale_store_matches_numpy_resampling(stores: list[Path], tmp_path: Pa
     lab = io.open_labels(out, "truth")
     np.testing.assert_array_equal(np.asarray(lab.data.compute()), resample_nearest(lab0, 0.5))
     assert lab.classes == list(PHASES)
-    assert io.read_attrs(out)["semdask"]["rescaled_from"]["factor"] == 0.5
+    assert sarr.read_attrs(out)["semdask"]["rescaled_from"]["factor"] == 0.5
 
 
 def test_training_scale_brings_stores_to_one_pixel_size(stores: list[Path]) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from semdask.cluster.plugins import ModelPlugin, preload_model
-from semdask.nets.model import ModelConfig, UNet, model_hash, save_model
+from semdask.nets.model import ModelConfig, model_hash, save_model
+from semdask.nets.unet import UNet
 
 
 def _cached_digests() -> list[str]:

@@ -24,7 +24,6 @@ import contextlib
 import json
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +98,13 @@ class Evaluation:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    def to_dataframe(self, by: str = "class") -> Any:
+        """Pooled per-class scores (``by="class"``) or one row per image (``by="image"``)
+        as a pandas DataFrame; the confusion matrix: ``pooled.confusion_dataarray()``."""
+        from semdask.analysis.tables import evaluation_frame
+
+        return evaluation_frame(self, by)
 
     def table(self) -> str:
         """Plain-text summary: pooled totals, per-class rows, then one line per image."""
@@ -256,15 +262,18 @@ def _compute(jobs: Sequence[Any], progress: bool) -> tuple[Any, ...]:
 
         client = default_client()
     if client is None:
-        from dask.diagnostics import ProgressBar
+        from semdask.progress import DaskProgress
 
-        with ProgressBar(minimum=1.0, out=sys.stderr):
+        with DaskProgress("evaluate"):
             return tuple(dask.compute(*jobs))
-    from distributed import progress as dprogress
+    from distributed import as_completed
+
+    from semdask.progress import Progress
 
     futures = client.compute(list(jobs))
-    with contextlib.redirect_stdout(sys.stderr):
-        dprogress(futures)
+    with Progress(len(futures), "evaluate", unit="part") as bar:
+        for _ in as_completed(futures):
+            bar.update()
     return tuple(client.gather(futures))
 
 

@@ -195,6 +195,18 @@ class Scores:
         """Class-agnostic boundary F1 (any class change matches any class change)."""
         return float(boundary_scores(self.boundary)["f1"][-1])
 
+    def to_dataframe(self) -> Any:
+        """Per-class scores as a pandas DataFrame (index: class name)."""
+        from semdask.analysis.tables import scores_frame
+
+        return scores_frame(self)
+
+    def confusion_dataarray(self, *, normalised: bool = False) -> Any:
+        """The confusion matrix as an xarray DataArray, dims ``("truth", "pred")``."""
+        from semdask.analysis.tables import confusion_dataarray
+
+        return confusion_dataarray(self, normalised=normalised)
+
     def normalised_confusion(self) -> np.ndarray:
         """Rows (truth) sum to 1; NaN rows for classes absent from the truth."""
         rows = self.confusion.sum(1, keepdims=True).astype(np.float64)
@@ -247,6 +259,12 @@ class Fractions:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    def to_dataframe(self) -> Any:
+        """A pandas DataFrame, one row per phase (:mod:`semdask.analysis.tables`)."""
+        from semdask.analysis.tables import fractions_frame
+
+        return fractions_frame(self)
 
     def to_csv(self) -> str:
         buf = _io.StringIO()

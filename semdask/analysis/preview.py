@@ -88,7 +88,9 @@ def preview(
         while level + 1 < min(m.levels, lab.levels) and max(m.level(level).shape) > max_side:
             level += 1
     if level >= min(m.levels, lab.levels) or level < 0:
-        raise InputError("level", expected=f"0..{min(m.levels, lab.levels) - 1}", got=str(level))
+        top = min(m.levels, lab.levels) - 1
+        raise InputError("level", expected=f"a pyramid level 0..{top}", got=str(level),
+                         fix=f"use --level {top}, or leave it out (finest level <= --max-side)")
     img = np.asarray(m.level(level).compute())
     lb = np.asarray(lab.level(level).compute())
     rgb = overlay(img, lb, lab.colours, alpha=alpha)

@@ -199,6 +199,12 @@ class Analysis:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "unit": self.unit}
 
+    def to_dataframes(self) -> dict[str, Any]:
+        """The tables as pandas DataFrames: ``fractions``, ``interfaces``, ``tpb``, ..."""
+        from semdask.analysis.tables import analysis_frames
+
+        return analysis_frames(self)
+
 
 def analyze_labels(labels: Any, *, classes: Sequence[str], pixel_size_um: float | None = None,
                    tile: int = 2048, connectivity: int = 1, min_area_px: int = 9,
@@ -269,9 +275,26 @@ def analyze(mosaic: PathLike, *, labels: str = "phases", rois: Sequence[str] = (
             components: bool = True) -> list[Analysis]:
     """Analyse ``<mosaic>/labels/<labels>``: the whole mosaic, then each ROI ``"y0:y1,x0:x1"``.
 
-    The pixel size comes from the store unless given (results in px when neither has one);
-    ``truth`` names a reference label group (e.g. ``truth``) for the fraction errors.
-    Other parameters as in :func:`analyze_labels`.
+    Parameters
+    ----------
+    mosaic : path
+        An OME-Zarr mosaic with a label group.
+    labels : str
+        The label group to analyse (``semdask segment`` writes ``phases``).
+    rois : sequence of str
+        Regions ``"y0:y1,x0:x1"`` (px) analysed after the whole mosaic.
+    pixel_size_um : float, optional
+        Overrides the store's pixel size (results in px when neither has one).
+    truth : str, optional
+        A reference label group (e.g. ``truth``) for the fraction errors.
+    tile, connectivity, min_area_px, components
+        As in :func:`analyze_labels`.
+
+    Returns
+    -------
+    list of Analysis
+        One per region: fractions with confidence intervals, connectivity, particle sizes,
+        TPB density and interface lengths, in µm when the pixel size is known.
     """
     from semdask.storage import io as sio
 

@@ -155,12 +155,10 @@ def _tile_origins(shape: tuple[int, int], tile: int, n: int, seed: int) -> list[
 class _Segmenter:
     """Label maps of in-memory tiles from the graph engine (one chunk per tile, sync)."""
 
-    def __init__(self, model: Any, cfg: Any, *, mode: str, overlap: float, blend: str,
-                 batch_size: Any, device: str) -> None:
+    def __init__(self, model: Any, cfg: Any, settings: Any) -> None:
         self.model, self.cfg = model, cfg
-        self.kw: dict[str, Any] = {"mode": mode, "window": int(cfg.window), "overlap": overlap,
-                                   "blend": blend, "receptive_field": int(cfg.receptive_field)}
-        self.infer = {"batch_size": batch_size, "device": device}
+        self.kw: dict[str, Any] = settings.plan_kwargs(int(cfg.receptive_field))
+        self.infer = settings.infer_kwargs()
 
     def labels(self, img: np.ndarray, stats: Any, factor: float) -> np.ndarray:
         import dask.array as da
@@ -231,7 +229,9 @@ def robustness(
     overlap: float | None = None,
     blend: str | None = None,
     batch_size: int | str | None = None,
-    device: str = "auto",
+    device: str | None = None,
+    precision: str | None = None,
+    window: int | None = None,
 ) -> RobustnessResult:
     """Sweep blur, brightness, noise and magnification on held-out labelled tiles.
 
@@ -253,22 +253,29 @@ def robustness(
         Normalisation statistics from the perturbed tiles (as ``segment`` does).
     photons : float
         C of eq. 2.
-    mode, overlap, blend, batch_size, device
-        Inference settings (defaults from ``dask.config["semdask"]``).
+    mode, overlap, blend, batch_size, device, precision, window
+        Inference settings, resolved as ``segment`` resolves them
+        (:func:`semdask.inference.settings.resolve_settings`: argument > ``dask.config`` you
+        set > model file > packaged default); one chunk per tile.
 
     Returns
     -------
     RobustnessResult
     """
-    from semdask import config
-    from semdask.inference.rescale import resample_nearest, scale_factor
+    from semdask.inference.rescale import relative_scale, resample_nearest, scale_factor
+    from semdask.inference.settings import resolve_settings
     from semdask.nets.model import bundled_model_path, load_model
+    from semdask.paths import validate_input_path
     from semdask.storage import io as sio
 
     t0 = time.perf_counter()
+    explicit: dict[str, Any] = {"mode": mode, "overlap": overlap, "blend": blend,
+                                "batch_size": batch_size, "device": device,
+                                "precision": precision, "window": window}
+    resolve_settings(**explicit)  # fail on a bad setting before reading anything
     m = sio.open_mosaic(Path(mosaic))
     ref = sio.open_labels(m.path, truth)
-    model_path = sio.validate_input_path(Path(model) if model else bundled_model_path(),
+    model_path = validate_input_path(Path(model) if model else bundled_model_path(),
                                          kind="file")
     net, cfg = load_model(model_path, device="cpu")
     classes = list(cfg.classes)
@@ -276,12 +283,11 @@ def robustness(
     origins = _tile_origins(tuple(m.image.shape), edge, tiles, seed)
     imgs = [np.asarray(m.image[y:y + edge, x:x + edge].compute()) for y, x in origins]
     truths = [np.asarray(ref.data[y:y + edge, x:x + edge].compute()) for y, x in origins]
-    seg = _Segmenter(net, cfg, mode=str(config.resolve(mode, "segment.mode")),
-                     overlap=float(config.resolve(overlap, "segment.overlap")),
-                     blend=str(config.resolve(blend, "segment.blend")),
-                     batch_size=batch_size, device=device)
+    settings = resolve_settings(model_config=cfg, **explicit)
+    seg = _Segmenter(net, cfg, settings)
     ref_stats = _stats(imgs, cfg)
-    base = scale_factor(m.pixel_size_um, cfg.pixel_size_um)  # auto, as segment does
+    base = relative_scale(m.pixel_size_um, cfg) or scale_factor(  # auto, as segment does
+        m.pixel_size_um, cfg.pixel_size_um)
     log.info("robustness on %d tiles of %d px from %s (model %s, scale factor %.3g)",
              len(imgs), edge, m.path, model_path.name, base)
 
@@ -315,6 +321,8 @@ def robustness(
             "tile_origins": [list(o) for o in origins], "seed": seed,
             "pixel_size_um": m.pixel_size_um, "model_pixel_size_um": cfg.pixel_size_um,
             "renormalise": renormalise, "photons": photons, "mode": seg.kw["mode"],
+            "settings": {k: str(getattr(v, "value", v)) for k, v in
+                         vars(settings).items() if k != "sources"},
             "seconds": round(time.perf_counter() - t0, 2)}
     return RobustnessResult(rows, baseline, classes, meta)
 

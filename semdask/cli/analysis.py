@@ -6,7 +6,16 @@ from typing import Any
 
 import click
 
-from semdask.cli.common import announce, client_for, cluster_options, handle_errors
+from semdask.cli.common import (
+    announce,
+    client_for,
+    cluster_options,
+    handle_errors,
+    positive,
+    writable_dir,
+    writable_file,
+)
+from semdask.inference.settings import Mode, Precision, choices
 
 __all__ = ["COMMANDS"]
 
@@ -70,10 +79,11 @@ def label_cmd(mosaic: str, annotations: str, eds: tuple[str, ...], unlabelled: s
               help="Pixel neighbourhood of connected components.")
 @click.option("--min-size-px", "min_size", type=int, default=9,
               help="Smaller components are left out of the size statistics.")
-@click.option("--pixel-size", type=float, default=None,
-              help="Pixel size in um [default: from the store].")
+@click.option("--pixel-size", type=float, default=None, callback=positive,
+              help="Pixel size in um, > 0 [default: from the store].")
 @click.option("--time-unit", default="min", help="Unit of the series times.")
 @click.option("--out", "out", type=click.Path(file_okay=False), default="analysis",
+              callback=writable_dir,
               help="Output folder (CSV, JSON, PNG).")
 @cluster_options
 @handle_errors
@@ -125,8 +135,14 @@ def analyze_cmd(mosaics: tuple[str, ...], series: bool, name: str, truth: str | 
 # --- end analyze ---------------------------------------------------------------
 
 # --- robustness (robustness.py) ------------------------------------------------
-def _levels(text: str | None) -> list[float] | None:
-    return None if text is None else [float(v) for v in text.split(",") if v.strip()]
+def _levels(text: str | None, flag: str = "--blur") -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}. Fix: e.g. "
+                                 f"{flag} 0,1,2", param_hint=flag) from None
 
 
 _QUICK = {"blur": (0, 1, 3), "brightness": (0.5, 1, 1.5), "noise": (0, 0.05, 0.1),
@@ -139,6 +155,7 @@ _QUICK = {"blur": (0, 1, 3), "brightness": (0.5, 1, 1.5), "noise": (0, 0.05, 0.1
               help="Model .safetensors [default: the bundled SOC model].")
 @click.option("--truth", default="truth", help="Reference label group.")
 @click.option("--out", "out", type=click.Path(file_okay=False), default="robustness",
+              callback=writable_dir,
               help="Output folder (robustness.csv, .json, .png).")
 @click.option("--tiles", type=int, default=4, help="Held-out tiles (random, non-overlapping).")
 @click.option("--tile", type=int, default=512, help="Tile edge (px).")
@@ -153,27 +170,32 @@ _QUICK = {"blur": (0, 1, 3), "brightness": (0.5, 1, 1.5), "noise": (0, 0.05, 0.1
 @click.option("--fixed-stats", is_flag=True,
               help="Normalise with the unperturbed tiles' statistics (a fixed intensity "
               "mapping) instead of the perturbed ones' (what segment does per mosaic).")
-@click.option("--mode", type=click.Choice(["window", "whole-chunk"]), default=None,
-              help="Inference mode [default: config segment.mode].")
-@click.option("--device", default="auto", help="auto, cpu, cuda, ...")
+@click.option("--mode", type=click.Choice(choices(Mode)), default=None,
+              help="Inference mode [default: semdask.segment.mode].")
+@click.option("--precision", type=click.Choice(choices(Precision)), default=None,
+              help="Autocast precision [default: semdask.segment.precision].")
+@click.option("--device", default=None,
+              help="auto, cpu, cuda, ... [default: semdask.segment.device].")
 @handle_errors
 def robustness_cmd(mosaic: str, model: str | None, truth: str, out: str, tiles: int, tile: int,
                    seed: int, quick: bool, blur: str | None, brightness: str | None,
                    noise: str | None, magnification: str | None, no_rescale_gain: bool,
-                   fixed_stats: bool, mode: str | None, device: str) -> None:
+                   fixed_stats: bool, mode: str | None, precision: str | None,
+                   device: str | None) -> None:
     """Accuracy and mIoU of MOSAIC's held-out tiles under blur, brightness, noise and
     magnification (the paper's figs. 9-10), with the gain of pixel-size awareness."""
     from semdask.analysis.robustness import robustness, write_robustness
 
-    given = {"blur": _levels(blur), "brightness": _levels(brightness),
-             "noise": _levels(noise), "magnification": _levels(magnification)}
+    given = {"blur": _levels(blur, "--blur"), "brightness": _levels(brightness, "--brightness"),
+             "noise": _levels(noise, "--noise"),
+             "magnification": _levels(magnification, "--magnification")}
     levels: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if quick:
         levels = {**_QUICK, **levels}
         tiles = min(tiles, 2)
     res = robustness(mosaic, model=model, truth=truth, tiles=tiles, tile=tile, seed=seed,
                      rescale_gain=not no_rescale_gain, renormalise=not fixed_stats, mode=mode,
-                     device=device, **levels)
+                     precision=precision, device=device, **levels)
     files = write_robustness(res, out)
     click.echo(res.table())
     for lv in (0.5, 2.0):
@@ -198,8 +220,9 @@ def robustness_cmd(mosaic: str, model: str | None, truth: str, out: str, tiles: 
 @click.option("--tolerance", type=float, default=2.0, show_default=True,
               help="Boundary F1 match distance in px (0 = the same pixel).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              callback=writable_file,
               help="Write all metrics (pooled and per image) to this JSON file.")
-@click.option("--plots", type=click.Path(file_okay=False), default=None,
+@click.option("--plots", type=click.Path(file_okay=False), default=None, callback=writable_dir,
               help="Write confusion, IoU/Dice, error overlay and frequency-IoU PNGs here.")
 @click.option("--image", default=None, type=click.Path(exists=False),
               help="Image under the error overlay (store, image file or folder matched by "

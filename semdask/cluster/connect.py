@@ -40,6 +40,7 @@ from semdask.cluster.profiles import (
     local_cluster_kwargs,
     profile_config,
     profile_has_gpu_workers,
+    profile_kind,
     resolve_dashboard,
     resolve_profile,
     slurm_kwargs,
@@ -78,8 +79,10 @@ def connect(
     Parameters
     ----------
     profile : str, optional
-        One of :data:`PROFILES`; default ``semdask.cluster.connect.profile`` (``local``), or
-        ``address`` / ``scheduler-file`` when those are given.
+        A profile name: a packaged one (:data:`PROFILES`, one per kind) or any profile a
+        site defines under ``semdask.cluster.profiles`` (with a ``kind``); default
+        ``semdask.cluster.profile`` (``local``), or ``address`` / ``scheduler-file`` when
+        those are given.
     scheduler_address : str, optional
         ``tcp://host:8786`` of a running scheduler.
     scheduler_file : path, optional
@@ -103,10 +106,12 @@ def connect(
 
     name = resolve_profile(profile, scheduler_address=scheduler_address,
                            scheduler_file=scheduler_file)
-    if name == "local":
+    kind = profile_kind(name)
+    if kind == "local":
         from distributed import LocalCluster
 
-        kw = local_cluster_kwargs(n_workers=n_workers, threads_per_worker=threads_per_worker,
+        kw = local_cluster_kwargs(profile=name, n_workers=n_workers,
+                                  threads_per_worker=threads_per_worker,
                                   memory_limit=memory_limit, dashboard_address=dashboard_address)
         kw.update({k: v for k, v in overrides.items() if v is not None})
         with LocalCluster(**kw) as cluster, Client(cluster) as client:
@@ -115,17 +120,17 @@ def connect(
             monitor.attach(client)  # worker logs -> driver (semdask logger)
             yield client
         return
-    if name in ("address", "scheduler-file"):
+    if kind in ("address", "scheduler-file"):
         with _join(name, scheduler_address, scheduler_file, overrides) as client:
             yield client
         return
     extra: dict[str, Any] = {"n_workers": n_workers, "dashboard_address": dashboard_address}
-    if name == "local-cuda":
+    if kind == "local-cuda":
         extra.update(threads_per_worker=threads_per_worker, memory_limit=memory_limit)
-    elif name == "slurm-runner":
+    elif kind == "slurm-runner":
         extra.update(nthreads=threads_per_worker, memory_limit=memory_limit)
     cfg = profile_config(name, **extra, **overrides)
-    if name == "slurm-runner":
+    if kind == "slurm-runner":
         with _slurm_runner(cfg) as client:
             yield client
         return
@@ -143,9 +148,10 @@ def job_script(profile: str = "slurm", **overrides: Any) -> str:
     the script is a placeholder for the one a real run prints.
     """
     name = resolve_profile(profile)
-    if name != "slurm":
-        raise InputError(f"job script of profile {name!r}", expected="profile 'slurm'",
-                         got=name, fix="semdask cluster-info --profile slurm")
+    if profile_kind(name) != "slurm":
+        raise InputError(f"job script of profile {name!r}", expected="a profile of kind slurm",
+                         got=f"kind {profile_kind(name)}",
+                         fix="semdask cluster-info --profile slurm")
     cfg = profile_config(name, **overrides)
     kw = slurm_kwargs(cfg)
     kw["scheduler_options"] = {**kw["scheduler_options"], "host": "127.0.0.1", "port": 0,
@@ -229,7 +235,8 @@ def _visible_gpus(devices: str | None) -> int:
 
 def _build(name: str, cfg: dict[str, Any]) -> Any:
     """Create (not yet scale) the cluster of a GPU/HPC profile."""
-    if name == "local-cuda":
+    kind = profile_kind(name)
+    if kind == "local-cuda":
         cls = import_backend(name, "dask_cuda", "LocalCUDACluster")
         kw = {"host": "127.0.0.1", **cluster_kwargs(cfg),
               "dashboard_address": resolve_dashboard(None, cfg)}
@@ -242,13 +249,13 @@ def _build(name: str, cfg: dict[str, Any]) -> Any:
         gpus = kw.get("n_workers") or _visible_gpus(kw.get("CUDA_VISIBLE_DEVICES"))
         kw["threads_per_worker"] = gpu_worker_threads(cfg.get("threads-per-worker"), gpus=gpus)
         return cls(**kw, **({"resources": {"GPU": 1}} if cfg.get("gpu-resources") else {}))
-    if name == "slurm":
+    if kind == "slurm":
         cls = import_backend(name, "dask_jobqueue", "SLURMCluster")
         with _jobqueue_errors(cfg):
             cluster = cls(**slurm_kwargs(cfg))
         _scale(cluster, cfg, jobs=True)
         return cluster
-    if name == "kubernetes":
+    if kind == "kubernetes":
         cls = import_backend(name, "dask_kubernetes.operator", "KubeCluster")
         group = cfg.get("gpu-worker-group") or {}
         gpu = {str(k).replace("_", "-"): v for k, v in group.items()}
@@ -317,7 +324,7 @@ def _join(name: str, address: str | None, scheduler_file: str | os.PathLike[str]
     from distributed import Client
 
     cfg = profile_config(name, **overrides)
-    if name == "scheduler-file":
+    if profile_kind(name) == "scheduler-file":
         sf = scheduler_file or cfg.get("scheduler-file")
         if sf is None or not Path(sf).is_file():
             raise UnsafePathError(str(sf), expected="a scheduler file written by the scheduler",

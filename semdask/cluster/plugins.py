@@ -3,7 +3,7 @@
 :class:`ModelPlugin` is a :class:`distributed.WorkerPlugin` that loads a model file
 into the per-process cache of :func:`semdask.nets.model.get_model` when a worker starts
 (and on every worker that joins later), on the device the inference tasks will use,
-and tunes the allocator for large activations (:func:`semdask.inference.predict.tune_allocator`).
+and tunes the allocator for large activations (:func:`semdask.nets.runtime.tune_allocator`).
 Inference tasks then find the model in the cache: the file is read and hashed once per
 worker process, never pickled into tasks, and the first block does not pay the load.
 
@@ -51,8 +51,8 @@ class ModelPlugin(WorkerPlugin):
         self.name = f"semdask-model-{sha[:12]}-{device}"
 
     def setup(self, worker: Any) -> None:
-        from semdask.inference.predict import resolve_device, tune_allocator
         from semdask.nets.model import get_model
+        from semdask.nets.runtime import resolve_device, tune_allocator
 
         tune_allocator()
         dev = resolve_device(self.device)

@@ -1,10 +1,4 @@
-"""Run control: block submission with a SIGTERM drain; idempotent ``batch`` and ``watch``.
-
-:func:`run_blocks` submits the per-block tasks of one segmentation a few at a
-time (twice the cluster's threads in flight), so after SIGTERM inside
-:func:`drain_on_sigterm` no new block starts, the running ones finish writing
-and recording, and :class:`InterruptedRun` (exit status 75, EX_TEMPFAIL) says
-how to resume. Any failed block fails the run, after the running ones finished.
+"""Run control over many mosaics: idempotent ``batch`` and ``watch``.
 
 Each mosaic is segmented with ``resume=True``: a finished output whose run key
 matches and whose blocks verify is skipped ("skipped, up to date"), a partial
@@ -32,158 +26,22 @@ import csv
 import io as _io
 import logging
 import os
-import signal
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import dask
 import yaml
 
 from semdask.errors import InputError, SemdaskError
-from semdask.storage import io as sio
+from semdask.inference.runner import InterruptedRun, stop_requested
+from semdask.paths import validate_input_path
+from semdask.storage import arrays as sarr
 
-__all__ = [
-    "EX_TEMPFAIL",
-    "InterruptedRun",
-    "Item",
-    "Outcome",
-    "drain_on_sigterm",
-    "read_manifest",
-    "ready_mosaics",
-    "run_batch",
-    "run_blocks",
-    "stop_requested",
-    "summary",
-    "watch",
-]
+__all__ = ["Item", "Outcome", "read_manifest", "ready_mosaics", "run_batch", "summary", "watch"]
 
 log = logging.getLogger(__name__)
-EX_TEMPFAIL = 75  # sysexits.h: temporary failure, try again (here: with --resume)
-_STOP = threading.Event()
-
-
-class InterruptedRun(SemdaskError):
-    """A run drained after SIGTERM: every finished block is recorded; resume it."""
-
-    exit_code = EX_TEMPFAIL
-
-
-def stop_requested() -> bool:
-    """True once SIGTERM arrived inside :func:`drain_on_sigterm`."""
-    return _STOP.is_set()
-
-
-@contextmanager
-def drain_on_sigterm() -> Iterator[threading.Event]:
-    """Turn SIGTERM into a drain request while the block is active (main thread only).
-
-    The first SIGTERM sets the returned event: running segmentations start no new
-    blocks, let the running ones finish and raise :class:`InterruptedRun`. A second
-    SIGTERM terminates at once (the default action).
-    """
-    _STOP.clear()
-    if threading.current_thread() is not threading.main_thread():
-        yield _STOP
-        _STOP.clear()
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        log.warning("SIGTERM: draining (no new blocks; running blocks finish and record)")
-        _STOP.set()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield _STOP
-    finally:
-        signal.signal(signal.SIGTERM, old)
-        _STOP.clear()  # the request is consumed: later runs in this process go ahead
-
-
-def run_blocks(tasks: Sequence[Any], *, client: Any, progress: bool, mosaic: Path,
-               output: Path, inside: bool, name: str) -> int:
-    """Run block tasks a few at a time; stop submitting after SIGTERM or a failure.
-
-    Parameters
-    ----------
-    tasks : sequence of Delayed
-        One write-and-record task per block.
-    client : distributed.Client or None
-        At most twice its threads in flight; None: the current scheduler, in rounds of
-        twice the cores.
-    progress : bool
-        Show a progress bar (stderr).
-    mosaic, output, inside, name
-        For the resume command in the interruption message.
-
-    Returns
-    -------
-    int
-        Blocks written.
-
-    Raises
-    ------
-    Exception
-        The first failed block's error, after the running blocks finished (fail loud).
-    InterruptedRun
-        When a drain was requested (finished blocks are recorded; the groups stay
-        incomplete until ``--resume``).
-    """
-    from tqdm import tqdm
-
-    done, error = 0, None
-    bar = tqdm(total=len(tasks), unit="block", disable=not progress or not tasks,
-               file=sys.stderr, mininterval=1.0)
-    if client is not None:
-        from distributed import as_completed
-
-        pending = iter(tasks)
-        running = as_completed()
-        limit = max(2, 2 * sum(client.nthreads().values()))
-
-        def submit() -> None:
-            t = next(pending, None)
-            if t is not None:
-                running.add(client.compute(t))
-
-        for _ in range(limit):
-            submit()
-        for fut in running:
-            try:
-                fut.result()
-                done += 1
-            except Exception as e:  # fail loud, after the running blocks are recorded
-                log.error("block task %s failed: %s", fut.key, e)
-                error = error or e
-            bar.update(1)
-            if error is None and not _STOP.is_set():
-                submit()
-    else:
-        step = 2 * (os.cpu_count() or 1)
-        for i in range(0, len(tasks), step):
-            if _STOP.is_set():
-                break
-            dask.compute(*tasks[i: i + step])
-            done += len(tasks[i: i + step])
-            bar.update(len(tasks[i: i + step]))
-    bar.close()
-    if error is not None:
-        raise error
-    if _STOP.is_set():
-        where = "" if inside else f" --output {output}"
-        extra = "" if name == "phases" else f" --name {name}"
-        raise InterruptedRun("interrupted; resumable with --resume",
-                             got=f"{done} of {len(tasks)} blocks written and recorded",
-                             fix=f"semdask segment {mosaic}{where}{extra} --resume")
-    return done
-
-
 @dataclass(frozen=True)
 class Item:
     """One mosaic to segment (output and model default to the batch's)."""
@@ -220,7 +78,7 @@ def _item(fields: dict[str, Any], base: Path, where: str) -> Item:
 
 def read_manifest(path: str | os.PathLike[str]) -> list[Item]:
     """Parse a text, CSV or YAML manifest of mosaics (see the module docstring)."""
-    mf = sio.validate_input_path(Path(path), kind="file")
+    mf = validate_input_path(Path(path), kind="file")
     text, base, suffix = mf.read_text(), mf.parent, mf.suffix.lower()
     items: list[Item] = []
     if suffix in (".yaml", ".yml"):
@@ -262,7 +120,9 @@ def run_batch(items: Iterable[Item], *, client: Any = None,
     an interrupted item (SIGTERM) stops the batch by raising ``InterruptedRun``.
     """
     from semdask.inference.segment import segment
+    from semdask.inference.settings import check_settings
 
+    check_settings(**segment_kwargs)  # a bad setting fails once, before the first mosaic
     outcomes = []
     for it in items:
         if stop_requested():
@@ -283,11 +143,11 @@ def run_batch(items: Iterable[Item], *, client: Any = None,
 
 def ready_mosaics(directory: str | os.PathLike[str]) -> list[Path]:
     """The ``*.ome.zarr`` stores in ``directory`` whose writer marked them complete."""
-    d = sio.validate_input_path(Path(directory), kind="dir")
+    d = validate_input_path(Path(directory), kind="dir")
     ready = []
     for p in sorted(d.glob("*.ome.zarr")):
         try:
-            done = (sio.read_attrs(p).get("semdask") or {}).get("complete") is True
+            done = (sarr.read_attrs(p).get("semdask") or {}).get("complete") is True
         except SemdaskError:
             done = False
         if done:

@@ -100,7 +100,7 @@ def resolve_members(models: str | os.PathLike[str] | Sequence[str | os.PathLike[
         A glob or prefix that matches nothing; a missing file.
     """
     from semdask.nets.model import bundled_model_path
-    from semdask.storage import io as sio
+    from semdask.paths import validate_input_path
 
     entries = [models] if isinstance(models, (str, os.PathLike)) else list(models or [])
     paths: list[Path] = []
@@ -128,7 +128,7 @@ def resolve_members(models: str | os.PathLike[str] | Sequence[str | os.PathLike[
         paths += found
     if not paths:
         paths = [bundled_model_path()]
-    return [sio.validate_input_path(p, kind="file") for p in paths]
+    return [validate_input_path(p, kind="file") for p in paths]
 
 
 def _natural(s: str) -> list[Any]:

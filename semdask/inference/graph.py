@@ -155,20 +155,17 @@ def _chunk_task(
     model_sha: str | None,
     stats: NormStats,
     precision: str,
-    batch_size: int,
+    batch_size: int | str,
     device: str,
     activation: str = "softmax",
     tta: bool = False,
     spread: bool = False,
     labels: bool = False,
+    tile: int | None = -1,
     block_id: tuple[int, ...] | None = None,
 ) -> np.ndarray:
-    from semdask.inference.predict import (
-        predict_whole,
-        predict_windows,
-        resolve_device,
-        tune_allocator,
-    )
+    from semdask.inference.predict import predict_whole, predict_windows
+    from semdask.nets.runtime import resolve_device, tune_allocator
 
     assert block_id is not None
     iy, ix = block_id[-2], block_id[-1]
@@ -176,6 +173,8 @@ def _chunk_task(
     cy0, cx0 = sum(ych[:iy]), sum(xch[:ix])
     cy1, cx1 = cy0 + ych[iy], cx0 + xch[ix]
     dev = resolve_device(device)
+    # "auto" is decided here, on the worker that runs the block
+    batch = (16 if dev.type == "cuda" else 1) if batch_size == "auto" else int(batch_size)
     tune_allocator()
     x = normalise(block, stats)
     h = plan.halo
@@ -188,7 +187,7 @@ def _chunk_task(
             mode=plan.mode, origin=(cy0 - h, cx0 - h),
             core=(cy0, cy1, cx0, cx1) if window else (h, h + cy1 - cy0, h, h + cx1 - cx0),
             window=plan.window, stride=plan.stride, weights=_weights(plan.window, plan.blend),
-            tta=tta, spread=spread, batch_size=batch_size, device=dev, precision=precision,
+            tta=tta, spread=spread, batch_size=batch, device=dev, precision=precision,
             channels_last=dev.type == "cuda" or not window, activation=activation)
         return argmax_classes(p) if labels else p
     model = _member(model, dev)
@@ -196,12 +195,31 @@ def _chunk_task(
         p = predict_windows(
             x, model, origin=(cy0 - h, cx0 - h), core=(cy0, cy1, cx0, cx1),
             window=plan.window, stride=plan.stride, weights=_weights(plan.window, plan.blend),
-            batch_size=batch_size, device=dev, precision=precision,
+            batch_size=batch, device=dev, precision=precision,
             channels_last=dev.type == "cuda", activation=activation)
         return argmax_classes(p) if labels else p
     return predict_whole(x, model, core=(h, h + cy1 - cy0, h, h + cx1 - cx0), device=dev,
                          precision=precision, channels_last=True, activation=activation,
-                         labels=labels)
+                         labels=labels, tile=tile)
+
+
+def _subtile() -> int:
+    """Sub-tile edge of the whole-chunk kernel: ``semdask.segment.tile`` if set, else -1.
+
+    -1 lets :func:`semdask.inference.predict.predict_whole` choose (its ``CPU_TILE`` on CPU,
+    whole blocks on GPUs); 0 runs whole blocks everywhere (the engine before issue 13,
+    e.g. ``DASK_SEMDASK__SEGMENT__TILE=0`` for a before/after comparison).
+    """
+    v = config.get("segment.tile", None)
+    if v is None:
+        return -1
+    if str(v).strip().lower() in ("auto", "-1"):
+        return -1
+    n = int(v)
+    if n < 0 or n % NET_MULTIPLE:
+        raise InputError("segment.tile", expected=f"0 or a positive multiple of {NET_MULTIPLE}",
+                         got=repr(v), fix="DASK_SEMDASK__SEGMENT__TILE=512 (or 0: whole blocks)")
+    return n
 
 
 def _member(model: Any, dev: Any) -> Any:
@@ -296,9 +314,8 @@ def _infer(image: da.Array, model: Any, *, n_classes: int, stats: NormStats,
     if tuple(image.shape) != plan.shape:
         raise InputError("plan", expected=f"a plan for shape {image.shape}", got=str(plan.shape))
     precision = config.resolve(precision, "segment.precision")
-    batch_size = config.resolve(batch_size, "segment.batch-size")
-    if batch_size == "auto":
-        batch_size = 16 if device == "cuda" or (device == "auto" and _has_cuda()) else 1
+    batch_size = config.resolve(batch_size, "segment.batch-size")  # "auto": on the worker
+    batch_size = "auto" if str(batch_size) == "auto" else int(batch_size)
     # One global mirror-symmetric extension (halo on the left, grid remainder + halo on the
     # right), cut so that every block is core + 2 halo: the outer chunks carry the padding,
     # the inner ones get their halo from their neighbours (boundary "none").
@@ -308,8 +325,9 @@ def _infer(image: da.Array, model: Any, *, n_classes: int, stats: NormStats,
     x = x.rechunk(tuple(_with_pad(c, h) for c in plan.chunks))
     task = functools.partial(
         _chunk_task, plan=plan, model=_as_task_model(model), model_sha=model_sha, stats=stats,
-        precision=str(precision), batch_size=int(batch_size), device=device,
-        activation=activation, tta=bool(tta), spread=bool(spread), labels=labels)
+        precision=str(precision), batch_size=batch_size, device=device,
+        activation=activation, tta=bool(tta), spread=bool(spread), labels=labels,
+        tile=_subtile())
     if labels:
         out = da.map_overlap(task, x, depth=h, boundary="none", trim=False, chunks=plan.chunks,
                              dtype=np.uint8, meta=np.empty((0, 0), np.uint8),
@@ -327,9 +345,9 @@ def _infer(image: da.Array, model: Any, *, n_classes: int, stats: NormStats,
 def symmetric_pad(image: da.Array, pad: list[tuple[int, int]]) -> da.Array:
     """Mirror-symmetric padding of any width, identical to ``np.pad(mode="symmetric")``.
 
-    ``dask.array.pad`` cannot reflect more than the array's own extent; wider pads
-    (mosaics smaller than a halo) are built in steps, each at most the current size,
-    which is what numpy does too.
+    Axes whose pads fit inside the array use ``dask.array.pad``; an axis shorter than
+    one of its pads (a mosaic smaller than a halo) is held in one chunk and padded by
+    ``np.pad`` inside each block, one graph layer per axis whatever the widths.
 
     Examples
     --------
@@ -337,18 +355,30 @@ def symmetric_pad(image: da.Array, pad: list[tuple[int, int]]) -> da.Array:
     >>> bool((symmetric_pad(da.from_array(x), [(12, 9)]).compute()
     ...       == np.pad(x, (12, 9), mode="symmetric")).all())
     True
+    >>> symmetric_pad(da.ones((1, 1), chunks=1), [(300, 400), (2, 0)]).shape
+    (701, 3)
     """
+    if len(pad) != image.ndim:
+        raise InputError("pad", expected=f"{image.ndim} (before, after) pairs",
+                         got=f"{len(pad)} pairs")
     x = image
-    todo = [list(p) for p in pad]
-    size = image.shape
-    while any(b or a for b, a in todo):
-        step = []
-        for ax, (b, a) in enumerate(todo):
-            n = size[ax]  # numpy's period: every step reflects at most the original extent
-            sb, sa = min(b, n), min(a, n)
-            step.append((sb, sa))
-            todo[ax] = [b - sb, a - sa]
-        x = da.pad(x, step, mode="symmetric")
+    for ax, (before, after) in enumerate(pad):
+        before, after = int(before), int(after)
+        if before < 0 or after < 0:
+            raise InputError("pad", expected="non-negative widths", got=repr(pad[ax]))
+        if not before and not after:
+            continue
+        widths = [(0, 0)] * x.ndim
+        widths[ax] = (before, after)
+        n = x.shape[ax]
+        if max(before, after) <= n:
+            x = da.pad(x, widths, mode="symmetric")
+            continue
+        # the axis is shorter than a pad: one chunk along it, np.pad in every block
+        x = x.rechunk({ax: n})
+        chunks = tuple((n + before + after,) if i == ax else c for i, c in enumerate(x.chunks))
+        x = x.map_blocks(np.pad, widths, mode="symmetric", chunks=chunks, dtype=x.dtype,
+                         meta=np.empty((0,) * x.ndim, x.dtype))
     return x
 
 
@@ -357,15 +387,6 @@ def _with_pad(chunks: tuple[int, ...], halo: int) -> tuple[int, ...]:
     out[0] += halo
     out[-1] += halo
     return tuple(out)
-
-
-def _has_cuda() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except ImportError:  # pragma: no cover
-        return False
 
 
 def argmax_classes(p: np.ndarray) -> np.ndarray:

@@ -32,90 +32,37 @@ An identity "model" (log-probabilities = one-hot of a fixed class) reproduces it
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
-import os
-import sys
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from semdask.errors import InputError
 from semdask.inference.windows import window_origins
+from semdask.nets.runtime import autocast
 
-__all__ = ["Precision", "autocast", "blend_windows", "predict_whole", "predict_windows",
-           "resolve_device", "tune_allocator"]
+__all__ = ["CPU_TILE", "blend_windows", "predict_whole", "predict_windows"]
 
 log = logging.getLogger(__name__)
 
-Precision = str  # "fp32" | "bf16" | "fp16"
-_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-
-
-@functools.cache
-def tune_allocator() -> bool:
-    """Undo Dask's ``MALLOC_TRIM_THRESHOLD_`` for inference workers (glibc only; once).
-
-    Dask nannies start workers with ``MALLOC_TRIM_THRESHOLD_=65536``. Setting it
-    switches off glibc's dynamic mmap threshold, so every activation tensor of the
-    U-Net (tens to hundreds of MB per block) is mmapped, page-faulted and unmapped
-    again: measured here, a 2-worker local cluster spent ~40 % of its CPU time in the
-    kernel and ran ~1.7x slower than the same work with large thresholds. This keeps
-    up to 256 MB of freed memory per process for reuse and mmaps only blocks above
-    32 MB (glibc's maximum). Returns whether the allocator was tuned.
-    """
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = bool(libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)) and bool(
-            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20))
-    except (OSError, AttributeError):  # musl or another libc: leave it alone
-        return False
-    log.debug("tuned glibc malloc for inference (trim 256 MB, mmap 32 MB): %s", ok)
-    return ok
-
-
-def resolve_device(device: str | None = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when present, else CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device", expected="a device present on this machine", got=str(device),
-                         fix="use --device cpu, or run on a GPU worker (profile local-cuda)")
-    return dev
-
-
-def autocast(device: torch.device, precision: str) -> AbstractContextManager[Any]:
-    """Autocast context for ``precision`` (fp32 = no autocast)."""
-    if precision not in _PRECISIONS:
-        raise InputError("precision", expected="fp32, bf16 or fp16", got=repr(precision))
-    dtype = _PRECISIONS[precision]
-    if dtype is None:
-        return nullcontext()
-    if dtype is torch.float16 and device.type != "cuda":
-        raise InputError("precision", expected="fp32 or bf16 on CPU", got="fp16",
-                         fix="use --precision bf16 on CPU (fp16 is for CUDA)")
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
+#: Default sub-tile core edge of :func:`predict_whole` on CPU (px; 0 or None: whole block).
+#: Measured on 2 cores (docs/PERFORMANCE.md): 512 + 2 x 112 px sub-tiles were the fastest
+#: per core pixel; whole 1760-px blocks spill the caches and ran 1.3-1.4x slower.
+CPU_TILE = 512
 
 def _forward(model: torch.nn.Module, x: np.ndarray, device: torch.device, precision: str,
              channels_last: bool, activation: str = "softmax",
-             labels: bool = False) -> np.ndarray:
+             labels: bool = False,
+             run: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
     """Probabilities of a batch ``(b, h, w)`` -> float32 ``(b, C, h, w)``.
 
     ``activation="softmax"`` turns logits into probabilities; ``"none"`` takes the
     model's output as probabilities already (e.g. an ensemble wrapper, or the
     identity "model" of the invariance tests). ``labels``: return the argmax of
-    those probabilities instead, uint8 ``(b, h, w)``, taken on the device.
+    those probabilities instead, uint8 ``(b, h, w)``, taken on the device. ``run``
+    replaces ``model(t)`` (e.g. the sub-tiled forward of :func:`predict_whole`).
     """
     t = torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(1)
     if device.type == "cuda":  # page-locked host memory: the copy overlaps queued GPU work
@@ -124,7 +71,7 @@ def _forward(model: torch.nn.Module, x: np.ndarray, device: torch.device, precis
     if channels_last:
         t = t.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast(device, precision):
-        logits = model(t)
+        logits = model(t) if run is None else run(t)
     probs = logits.float() if activation == "none" else torch.softmax(logits.float(), dim=1)
     if labels:  # first maximum, as numpy's argmax
         return probs.argmax(dim=1).to(torch.uint8).cpu().numpy()
@@ -252,6 +199,7 @@ def predict_whole(
     multiple: int = 16,
     activation: str = "softmax",
     labels: bool = False,
+    tile: int | None = -1,
 ) -> np.ndarray:
     """Run the fully convolutional model on the whole block and return its core.
 
@@ -265,6 +213,13 @@ def predict_whole(
         total down-sampling factor).
     core : (y0, y1, x0, x1)
         The core in *block* coordinates.
+    tile : int or None
+        Sub-tile core edge (px, a multiple of ``multiple``): the net runs on sub-tiles
+        of ``tile`` plus the block's halo on every side, so activations stay in cache
+        (:func:`semdask.inference.tiled.tiled_forward`; a U-Net also crops its decoder
+        to the core). Exact: the stitched core equals the untiled forward of the block
+        up to float reassociation. ``-1`` (default): :data:`CPU_TILE` on CPU, whole
+        block elsewhere; ``None`` or ``0``: the whole block in one forward.
     """
     if block.shape[0] % multiple or block.shape[1] % multiple:
         raise InputError("block", expected=f"sides that are multiples of {multiple}",
@@ -272,7 +227,22 @@ def predict_whole(
                          fix="align chunk edges and the halo to the network's 16-px grid")
     dev = torch.device(device) if isinstance(device, str) else device
     y0, y1, x0, x1 = core
+    halo = min(y0, x0, block.shape[0] - y1, block.shape[1] - x1)
+    if tile == -1:
+        tile = CPU_TILE if dev.type == "cpu" else None
+    run = None
+    # sub-tiles need the context on every side on the grid; a block with less (a tiny
+    # mosaic's) runs whole, as before
+    if tile and halo >= 2 * multiple and halo % multiple == 0 and all(
+            v % multiple == 0 for v in core):
+        from semdask.inference.tiled import tiled_forward
+
+        def run(t: torch.Tensor) -> torch.Tensor:
+            return tiled_forward(model, t, core=core, halo=halo, tile=tile, multiple=multiple)
+
     with _eval(model):
         out = _forward(model, block[None], dev, precision, channels_last, activation,
-                       labels)[0]
+                       labels, run)[0]
+    if run is not None:
+        return np.ascontiguousarray(out)
     return np.ascontiguousarray(out[..., y0:y1, x0:x1])

@@ -43,6 +43,7 @@ from semdask.errors import InputError
 
 __all__ = [
     "TOLERANCE",
+    "relative_scale",
     "resample",
     "resample_nearest",
     "resample_numpy",
@@ -202,7 +203,7 @@ def resample(x: da.Array, factor: float, *, shape: Sequence[int] | None = None,
 
 def rescaled_probs(image: da.Array, model: Any, *, factor: float, n_classes: int,
                    stats: Any, plan_kwargs: dict[str, Any], chunk: int | None = None,
-                   **infer_kwargs: Any) -> tuple[da.Array, Any]:
+                   plan: Any = None, **infer_kwargs: Any) -> tuple[da.Array, Any]:
     """Class probabilities on ``image``'s grid, inferred at the model's scale.
 
     The image is resampled by ``factor`` (:func:`scale_factor`), segmented with
@@ -210,16 +211,47 @@ def rescaled_probs(image: da.Array, model: Any, *, factor: float, n_classes: int
     (``plan_kwargs`` as for :func:`semdask.inference.graph.plan_inference`), and the probabilities
     are resampled back by ``1 / factor`` onto the original grid (linear; they still sum
     to one). Returns ``(probs (C, y, x) float32, plan at the model's scale)``; output
-    chunks have edge ``chunk`` [default: the plan's].
+    chunks have edge ``chunk`` [default: the plan's]. ``plan``: the plan at the model's
+    scale when the caller has built it already (:class:`semdask.inference.run.SegmentRun`).
     """
     from semdask.inference.graph import blended_probs, plan_inference
 
     shape = (int(image.shape[-2]), int(image.shape[-1]))
     inner = target_shape(shape, factor)
-    plan = plan_inference(inner, **plan_kwargs)
+    plan = plan if plan is not None else plan_inference(inner, **plan_kwargs)
+    if tuple(plan.shape) != inner:
+        raise InputError("plan", expected=f"a plan for the model-scale shape {inner}",
+                         got=str(plan.shape))
     scaled = resample(image, factor, chunk=plan.chunk)
     p = blended_probs(scaled, model, n_classes=n_classes, stats=stats, plan=plan,
                       **infer_kwargs)
     log.info("resampled %d x %d px by %.4g to the model's scale (%d x %d px) and back",
              *shape, factor, *inner)
     return resample(p, 1.0 / factor, shape=shape, chunk=chunk or plan.chunk), plan
+
+
+def relative_scale(mosaic_um: float | None, model: Any, *,
+                   rescale: bool | None = None) -> float | None:
+    """The ``--scale`` of a model trained on stores of unknown pixel size, for such mosaics.
+
+    When neither the mosaic's nor the model's pixel size is known, the only scale
+    information is that the model was trained at ``F`` x its stores' sampling: a mosaic
+    sampled like those stores is resampled by ``F``. ``None`` in every other case
+    (pixel sizes decide, :func:`semdask.inference.rescale.scale_factor`).
+
+    >>> from types import SimpleNamespace as NS
+    >>> cfg = NS(pixel_size_um=None, provenance={"training_scale": {"scale": 0.5}})
+    >>> relative_scale(None, cfg), relative_scale(0.1, cfg)
+    (0.5, None)
+    >>> relative_scale(None, cfg, rescale=False) is None
+    True
+    """
+    if rescale is False or mosaic_um is not None or model.pixel_size_um is not None:
+        return None
+    info = (getattr(model, "provenance", None) or {}).get("training_scale") or {}
+    f = info.get("scale")
+    if not f or float(f) == 1.0:
+        return None
+    log.info("mosaic and model pixel sizes are unknown: resampling by the model's "
+             "training scale %g", float(f))
+    return float(f)

@@ -8,10 +8,10 @@ complete. A run that fails or is interrupted leaves ``complete: false`` behind,
 which every reader refuses; ``resume=True`` recomputes only the blocks that are
 missing or stale (another run key, checksum mismatch).
 
-Blocks are submitted a few at a time by :func:`semdask.inference.batch.run_blocks`, so a
-SIGTERM caught by :func:`semdask.inference.batch.drain_on_sigterm` drains the run: no new
+Blocks are submitted a few at a time by :func:`semdask.inference.runner.run_blocks`, so a
+SIGTERM caught by :func:`semdask.inference.runner.drain_on_sigterm` drains the run: no new
 blocks start, the running ones finish writing and recording, and
-:class:`semdask.inference.batch.InterruptedRun` (exit status 75) says how to resume.
+:class:`semdask.inference.runner.InterruptedRun` (exit status 75) says how to resume.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,23 +31,25 @@ import numpy as np
 from semdask import __version__, config
 from semdask.cluster import monitor
 from semdask.cluster.plugins import preload_model
-from semdask.errors import SemdaskError, StoreError
-from semdask.inference.batch import run_blocks
+from semdask.errors import StoreError
 from semdask.inference.graph import (
     InferencePlan,
     blended_labels,
     blended_probs,
     confidence_from_probs,
     labels_from_probs,
-    plan_inference,
 )
 from semdask.inference.normalise import NormStats, compute_stats
-from semdask.inference.rescale import rescaled_probs, scale_factor, target_shape
+from semdask.inference.rescale import rescaled_probs
+from semdask.inference.run import SegmentRun, resolve
+from semdask.inference.runner import run_blocks
+from semdask.paths import validate_output_path
+from semdask.storage import arrays as sarr
 from semdask.storage import io as sio
-from semdask.storage import ledger, ome
-from semdask.training.scale import relative_scale
+from semdask.storage import ledger, ome, ownership
+from semdask.storage.lock import WriterLock, writer_lock
 
-__all__ = ["SegmentResult", "mosaic_stats", "segment"]
+__all__ = ["SegmentResult", "execute", "mosaic_stats", "segment"]
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +104,9 @@ def segment(
     chunk: int | None = None,
     precision: str | None = None,
     batch_size: int | str | None = None,
-    device: str = "auto",
-    probs: bool = False,
-    confidence: bool = False,
+    device: str | None = None,
+    probs: bool | None = None,
+    confidence: bool | None = None,
     name: str = "phases",
     overwrite: bool = False,
     client: Any = None,
@@ -115,8 +117,15 @@ def segment(
     ensemble: str | os.PathLike[str] | None = None,
     tta: bool = False,
     uncertainty: bool = False,
+    run_config: Mapping[str, Any] | str | os.PathLike[str] | None = None,
 ) -> SegmentResult:
     """Segment a whole OME-Zarr mosaic into phases with blended U-Net inference.
+
+    Every parameter is resolved and validated first, into one
+    :class:`semdask.inference.run.SegmentRun` (:func:`semdask.inference.run.resolve`),
+    before anything is created on disk. Precedence: explicit argument > ``run_config`` >
+    ``dask.config["semdask.segment"]`` values you set > the model file (window) >
+    packaged defaults.
 
     Parameters
     ----------
@@ -132,13 +141,17 @@ def segment(
         Another path gets a copy of the image plus the outputs (self-contained).
     mode : {"window", "whole-chunk"}
         Blended sliding windows on a global grid, or the fully convolutional net on
-        chunk + receptive-field halo.
-    window, overlap, blend, chunk, precision, batch_size
-        Inference geometry and arithmetic (defaults from ``dask.config["semdask"]``).
-    probs, confidence : bool
+        chunk + receptive-field halo. In whole-chunk mode ``overlap`` and ``blend`` have
+        no effect (a warning says so when they are given).
+    window, overlap, blend, chunk, precision, batch_size, device
+        Inference geometry and arithmetic (see :mod:`semdask.inference.settings` for the
+        ranges; ``batch_size="auto"`` and ``device="auto"`` are decided on each worker).
+    probs, confidence : bool, optional
         Also write float16 probabilities ``(c, y, x)`` / maximum probability.
     overwrite : bool
-        Replace existing outputs of the same name.
+        Replace existing outputs of the same name, only ones segment wrote: another
+        mosaic, its image or labels of other tools are never replaced, and an output
+        inside the input is refused (:mod:`semdask.storage.ownership`).
     client : distributed.Client, optional
         Run on this cluster (else the current Dask scheduler).
     gpu_resources : bool
@@ -167,9 +180,17 @@ def segment(
         Write ``uncertainty`` (std across members x views of the predicted class's
         probability; needs several members or ``tta``) and ``entropy`` (of the mean
         probabilities / log C), float16 ``(y, x)``.
+    run_config : mapping or path, optional
+        Run settings (keys of the ``segment`` section of ``semdask.yaml``), below
+        explicit arguments and above ``dask.config``.
 
     Raises
     ------
+    semdask.errors.InputError, semdask.errors.UnsafePathError
+        For any invalid setting or output, before anything is written
+        (``ForeignOutputError``: the output is not segment's to write).
+    semdask.errors.OutputLockedError
+        When another run writes the same output store (its writer lock, exit status 73).
     semdask.batch.InterruptedRun
         After SIGTERM inside :func:`drain_on_sigterm` (finished blocks are recorded).
 
@@ -177,75 +198,88 @@ def segment(
     -------
     SegmentResult
     """
-    from semdask.inference.ensemble import entropy_from_probs, members_for
-
     t0 = time.perf_counter()
-    m = sio.open_mosaic(Path(mosaic))
-    ens = members_for(model, prefix=ensemble, tta=tta)  # one model or all members, checked
-    model_path, mcfg, sha, spread = ens.paths[0], ens.config, ens.key, uncertainty and ens.multi
-    if uncertainty and not spread:
+    run = resolve(mosaic, model=model, ensemble=ensemble, output=output, name=name,
+                  run_config=run_config, rescale=rescale, tta=tta, uncertainty=uncertainty,
+                  overwrite=overwrite, resume=resume, gpu_resources=gpu_resources,
+                  client=client, mode=mode, window=window, overlap=overlap, blend=blend,
+                  chunk=chunk, precision=precision, batch_size=batch_size, device=device,
+                  probs=probs, confidence=confidence)
+    return execute(run, client=client, progress=progress, t0=t0)
+
+
+def execute(run: SegmentRun, *, client: Any = None, progress: bool = True,
+            t0: float | None = None) -> SegmentResult:
+    """Carry out a resolved :class:`~semdask.inference.run.SegmentRun` (see :func:`segment`).
+
+    The run is the one writer of its output: it holds the store's writer lock
+    (:mod:`semdask.storage.lock`, released on every exit path) from before its first
+    write, and checks under it that the output is its own to write
+    (:mod:`semdask.storage.ownership`).
+
+    Raises
+    ------
+    semdask.errors.OutputLockedError
+        When another run holds (or held, and left stale) the output's lock.
+    semdask.errors.ForeignOutputError
+        When the output holds data segment did not write, or overlaps the input.
+    """
+    with writer_lock(run.output, group=run.group) as held:
+        own = ownership.check_output(run.mosaic, run.output, groups=run.written,
+                                     overwrite=run.overwrite, resume=run.resume)
+        return _execute(run, own, held, client=client, progress=progress, t0=t0)
+
+
+def _execute(run: SegmentRun, own: ownership.OutputCheck, held: WriterLock, *, client: Any,
+             progress: bool, t0: float | None) -> SegmentResult:
+    from semdask.inference.ensemble import entropy_from_probs
+
+    t0 = time.perf_counter() if t0 is None else t0
+    m, ens, s, plan, factor = run.mosaic, run.members, run.settings, run.plan, run.factor
+    mcfg, sha, spread, out, inside = ens.config, ens.key, run.spread, run.output, run.inside
+    if run.uncertainty and not spread:
         log.info("one model without TTA: writing entropy only (uncertainty needs members/TTA)")
-    mode = config.resolve(mode, "segment.mode")
-    window = int(config.resolve(window, "segment.window") if window is not None
-                 else (mcfg.window or config.get("segment.window")))
-    plan_kw: dict[str, Any] = {
-        "mode": str(mode), "window": window,
-        "overlap": float(config.resolve(overlap, "segment.overlap")),
-        "chunk": int(config.resolve(chunk, "segment.chunks")),
-        "receptive_field": int(mcfg.receptive_field),
-        "blend": str(config.resolve(blend, "segment.blend"))}
-    plan = plan_inference((int(m.image.shape[0]), int(m.image.shape[1])), **plan_kw)
     norm = mcfg.normalisation
-    out = Path(output) if output is not None else m.path
-    inside = out.resolve() == m.path.resolve()
-    reuse_copy = not inside and resume and _image_ready(out, m)
+    reuse_copy = own.reuse_image  # this input's own complete copy: keep its image
     stats = mosaic_stats(m, norm.low_percentile, norm.high_percentile,
-                         fallback=sio.read_attrs(out) if reuse_copy else None)
-    if rescale is False:
-        _check_pixel_size(m.pixel_size_um, mcfg.pixel_size_um)
-    factor = relative_scale(m.pixel_size_um, mcfg, rescale=rescale) or scale_factor(
-        m.pixel_size_um, mcfg.pixel_size_um, rescale=rescale)
-    # the plan at the model's scale (rescaled_probs makes the same one)
-    inner = plan if factor == 1.0 else plan_inference(target_shape(plan.shape, factor), **plan_kw)
-    plan_key = plan.to_dict() if factor == 1.0 else {**plan.to_dict(), "rescale": factor,
-                                                      "model_scale_plan": inner.to_dict()}
+                         fallback=sarr.read_attrs(out) if reuse_copy else None)
+    plan_key = run.plan_key
 
     if inside:
         # computed once per mosaic: later runs (and training) reuse the stored statistics
         if (m.attrs.get("semdask") or {}).get("normalisation") != stats.to_dict():
-            sio.update_attrs(m.path, "", {"normalisation": stats.to_dict()})
+            sarr.update_attrs(m.path, "", {"normalisation": stats.to_dict()})
     elif not reuse_copy:
-        rewrite = overwrite or (resume and out.exists())  # resume: our unfinished copy
-        sio.validate_output_path(out, overwrite=rewrite)
+        rewrite = run.overwrite or (run.resume and out.exists())  # resume: our unfinished copy
+        validate_output_path(out, overwrite=rewrite)
         sio.write_image(out, m.image, pixel_size_um=m.pixel_size_um,
-                        attrs={"source": str(m.path), "normalisation": stats.to_dict()},
+                        attrs={**ownership.copy_attrs(m), "normalisation": stats.to_dict()},
                         overwrite=rewrite)
-    prec = str(config.resolve(precision, "segment.precision"))
+    prec = s.precision.value
     provenance = {
+        "writer": ledger.WRITER,
         "version": __version__,
-        "model": {"path": str(model_path), "sha256": sha, "classes": list(mcfg.classes)},
+        "model": {"path": str(ens.paths[0]), "sha256": sha, "classes": list(mcfg.classes)},
         "ensemble": ens.provenance(spread),
         "plan": plan.to_dict(),
         "rescale": {"factor": factor, "mosaic_pixel_size_um": m.pixel_size_um,
                     "model_pixel_size_um": mcfg.pixel_size_um,
-                    "model_scale_shape": list(inner.shape),
-                    "model_scale_plan": inner.to_dict() if factor != 1.0 else None},
+                    "model_scale_shape": list(run.inner.shape),
+                    "model_scale_plan": run.inner.to_dict() if factor != 1.0 else None},
         "precision": prec,
+        "settings_sources": dict(s.sources),
         "normalisation": stats.to_dict(),
         "source": str(m.path),
     }
     classes = list(mcfg.classes)
     colours = [(int(c[0]), int(c[1]), int(c[2]), int(c[3])) for c in mcfg.colours] or None
-    group = f"labels/{name}"
-    written = [group, *(["probs"] if probs else []), *(["confidence"] if confidence else []),
-               *(["uncertainty"] if spread else []), *(["entropy"] if uncertainty else [])]
+    group, written = run.group, run.written
 
-    with dask.annotate(resources={"GPU": 1}) if gpu_resources else _null():
-        infer_kw: dict[str, Any] = {"model_sha": sha, "precision": precision,
-                                    "batch_size": batch_size, "device": device,
-                                    "tta": tta, "spread": spread}
+    with dask.annotate(resources={"GPU": 1}) if run.gpu_resources else _null():
+        infer_kw: dict[str, Any] = {"model_sha": sha, **s.infer_kwargs(), "tta": run.tta,
+                                    "spread": spread}
         # labels only, at the mosaic's scale: the argmax inside the inference task
-        fused = factor == 1.0 and not (probs or confidence or spread or uncertainty)
+        fused = factor == 1.0 and not (s.probs or s.confidence or spread or run.uncertainty)
         if fused:
             lab = blended_labels(m.image, ens.task_model, n_classes=len(classes), stats=stats,
                                  plan=plan, **infer_kw)
@@ -254,28 +288,32 @@ def segment(
                               plan=plan, **infer_kw)
         else:
             p = rescaled_probs(m.image, ens.task_model, factor=factor, n_classes=len(classes),
-                               stats=stats, plan_kwargs=plan_kw, chunk=plan.chunk,
-                               **infer_kw)[0]
+                               stats=stats, plan_kwargs=s.plan_kwargs(mcfg.receptive_field),
+                               chunk=plan.chunk, plan=run.inner, **infer_kw)[0]
     if fused:
         sources = [lab]
     else:
         unc, p = (p[len(classes)], p[: len(classes)]) if spread else (None, p)
         sources = [labels_from_probs(p)]
-        sources += [p.astype(np.float16)] if probs else []
-        sources += [confidence_from_probs(p)] if confidence else []
+        sources += [p.astype(np.float16)] if s.probs else []
+        sources += [confidence_from_probs(p)] if s.confidence else []
         sources += [unc.astype(np.float16)] if unc is not None else []
-        sources += [entropy_from_probs(p)] if uncertainty else []
+        sources += [entropy_from_probs(p)] if run.uncertainty else []
     blocks = ledger.block_slices(sources[0].chunks)
     key = ledger.run_key(ledger.input_identity(m), model_sha=sha, plan=plan_key,
                          precision=prec, stats=stats.to_dict(), outputs=written)
     led = ledger.Ledger(out, group)
-    head = led.header() if resume else None
+    head = led.header() if run.resume else None
     todo = sorted(blocks)
     targets = _open_targets(out, written, plan.shape) if head and head.get("key") == key else None
     if targets is not None and head is not None:
         status = ledger.audit(out, group, head, led.records())
         todo = sorted(b for b, why in status.items() if why != "ok")
-        if not todo and all(_complete(out, g) for g in written):
+        pyramid_bad = {} if todo else ledger.audit_levels(out, group, head)
+        if pyramid_bad:  # the pyramid is rebuilt from level 0 by ledger.finish below
+            log.warning("%s/%s: %d pyramid shards damaged (%s): rebuilding levels >= 1", out,
+                        group, len(pyramid_bad), next(iter(pyramid_bad)))
+        if not todo and not pyramid_bad and all(_complete(out, g) for g in written):
             log.info("%s/%s is up to date (%d blocks verified)", out, group, len(blocks))
             return SegmentResult(out, group, plan.shape, plan, stats, sha,
                                  time.perf_counter() - t0, written[1:], len(blocks), 0, True,
@@ -283,14 +321,14 @@ def segment(
         log.info("resuming %s/%s: %d of %d blocks missing or stale", out, group, len(todo),
                  len(blocks))
         for g in written:
-            sio.set_complete(out, g, False)
+            sarr.set_complete(out, g, False)
         ledger.clear_shards(out, written, targets, [blocks[b] for b in todo])
     else:
         if head is not None:
             log.warning("the ledger of %s/%s is stale (input, model, plan or outputs changed): "
                         "recomputing all %d blocks", out, group, len(blocks))
         targets = _begin_targets(out, written, plan, classes, colours, provenance,
-                                 m.pixel_size_um, overwrite or resume)
+                                 m.pixel_size_um, run.overwrite or run.resume)
         led.begin({"key": key, "chunks": [list(c) for c in sources[0].chunks],
                    "outputs": written, "model": sha, "plan": plan_key, "precision": prec,
                    "normalisation": stats.to_dict(), "source": str(m.path),
@@ -302,29 +340,19 @@ def segment(
     tasks = _block_tasks(sources, targets, written, blocks, todo, store=out, group=group,
                          key=key)
     for path, digest in zip(ens.paths, ens.shas, strict=True):  # resident before block one
-        preload_model(client, path, sha=digest, device=device)
+        preload_model(client, path, sha=digest, device=s.device)
     with monitor.watch_blocks(client, output=out, group=group, blocks=blocks, todo=todo,
                               tasks=tasks, mosaic=m):  # live block map + gauges (monitor.py)
         run_blocks(tasks, client=client, progress=progress, mosaic=m.path, output=out,
-                   inside=inside, name=name)
-    for g in written:
-        sio.finish_group(out, g)
+                   inside=inside, name=run.name,
+                   pixels_per_block=plan.shape[0] * plan.shape[1] / max(len(blocks), 1))
+    held.check()  # a run whose lock was broken meanwhile never marks its output complete
+    ledger.finish(out, group, written)  # pyramids + their checksums, then marked complete
     secs = time.perf_counter() - t0
     log.info("wrote %s to %s in %.1f s (%.2f MPix/s)", ", ".join(written), out, secs,
              plan.shape[0] * plan.shape[1] / 1e6 / secs)
     return SegmentResult(out, group, plan.shape, plan, stats, sha, secs, written[1:],
                          len(blocks), len(todo), False, factor, tuple(map(str, ens.paths)))
-
-
-def _check_pixel_size(mosaic_um: float | None, model_um: float | None) -> None:
-    if mosaic_um is None:
-        log.warning("the mosaic's pixel size is unknown; assuming it matches the model's "
-                    "training pixel size (%s um). Set it with semdask convert --pixel-size.",
-                    model_um)
-    elif model_um is not None and not np.isclose(mosaic_um, model_um, rtol=0.05):
-        log.warning("pixel size %.4g um differs from the model's %.4g um (ratio %.2f); "
-                    "accuracy drops away from the training scale", mosaic_um, model_um,
-                    mosaic_um / model_um)
 
 
 class _null:
@@ -335,16 +363,8 @@ class _null:
         return None
 
 
-def _image_ready(out: Path, m: sio.Mosaic) -> bool:
-    """True when ``out`` holds a complete copy of the mosaic's image (resume)."""
-    try:
-        return tuple(sio.open_mosaic(out).image.shape) == tuple(m.image.shape)
-    except (SemdaskError, OSError):
-        return False
-
-
 def _complete(out: Path, group: str) -> bool:
-    return (sio.read_attrs(out, group).get("semdask") or {}).get("complete") is True
+    return (sarr.read_attrs(out, group).get("semdask") or {}).get("complete") is True
 
 
 def _open_targets(out: Path, groups: Sequence[str], shape: tuple[int, int]) -> list[Any] | None:

@@ -36,7 +36,6 @@ __all__ = [
     "blend_weights",
     "chunk_edge",
     "coverage",
-    "inner_chunk",
     "receptive_field_halo",
     "stride_for",
     "window_halo",
@@ -183,22 +182,3 @@ def chunk_edge(requested: int, *, multiple: int, minimum: int = 0) -> int:
     if requested <= 0:
         raise InputError("chunks", expected="a positive chunk edge in pixels", got=repr(requested))
     return align_up(max(requested, minimum, 1), multiple)
-
-
-def inner_chunk(shard: int, max_inner: int = 512, multiple: int = 16) -> int:
-    """Largest divisor of ``shard`` not above ``max_inner`` (preferring multiples of 16).
-
-    Zarr v3 sharding needs the inner chunk to divide the shard.
-
-    >>> inner_chunk(1152), inner_chunk(1024), inner_chunk(100)
-    (384, 512, 100)
-    """
-    if shard <= max_inner:
-        return shard
-    best = 1
-    for d in range(min(shard, max_inner), 0, -1):
-        if shard % d == 0:
-            if d % multiple == 0:
-                return d
-            best = max(best, d)
-    return best

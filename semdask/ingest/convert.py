@@ -20,22 +20,23 @@ default) with class names, colours and a mode pyramid, ready for ``semdask train
 Everything is checked (shape, values, a label for every image) before anything is
 written, and the store is marked complete only once its labels are.
 
-The pixel size comes from vendor tags (FEI/Thermo Fisher, Zeiss, TESCAN) or from
-``pixel_size_um``; the argument wins over a differing tag (with a warning). The
-generic TIFF resolution tags are not trusted. With no pixel size at all the mosaic
-is stored without one (a warning says so).
+The pixel size comes from the file's metadata, following each vendor's conventions
+(FEI/Thermo Fisher, Zeiss, TESCAN, Hitachi, JEOL, OME-TIFF, ImageJ/Fiji: see
+:mod:`semdask.ingest.vendors`), or from ``pixel_size_um``; the argument wins over a
+differing value (with a warning). The generic TIFF resolution tags are not trusted.
+With no pixel size at all the mosaic is stored without one, as unknown (a warning
+gives the ``--pixel-size`` fix). ``attrs["semdask"]["source"]["pixel_size_from"]``
+names the field used.
 
-An instrument data bar can be cropped: ``crop_databar=ROWS`` drops ROWS rows at the
-bottom, ``crop_databar=True`` detects the bar with :func:`databar_rows`. In a tile
-grid every tile is cropped before fusing, so the CSV offsets refer to cropped tiles.
-
-Examples
---------
->>> import numpy as np
->>> img = np.full((100, 50), 120, np.uint8)
->>> img[90:] = 0; img[94:96, 5:20] = 255          # a black bar with white "text"
->>> databar_rows(img)
-10
+Instrument data bars are removed from the metadata first: by default
+(``crop_databar=None``) the rows the metadata declares (FEI ``DatabarHeight``,
+JEOL/Hitachi image size) are cropped; where none is declared a detected bar is
+cropped in instrument exports (Zeiss, TESCAN: with a warning) and only reported
+in other images; ``crop_databar=True`` crops a detected bar in any image
+(:func:`semdask.ingest.databar.databar_rows`), ``crop_databar=ROWS`` drops ROWS
+rows (0: none) and ``False`` crops nothing. In a
+tile grid every tile is cropped before fusing, so the CSV offsets refer to cropped
+tiles. ``source["databar_from"]`` records why rows were cropped.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from dask.base import tokenize
 
 from semdask.errors import InputError, UnsafePathError
 from semdask.inference.windows import align_up
+from semdask.ingest.databar import crop_databar as _crop
 from semdask.ingest.labelimport import (
     IGNORE,
     LabelledImage,
@@ -64,12 +66,12 @@ from semdask.ingest.labelimport import (
 from semdask.ingest.readers import IMAGE_SUFFIXES, ImageFile, open_image
 from semdask.ingest.tilegrid import TileGrid, read_tile_offsets
 from semdask.paths import validate_output_path
+from semdask.storage import arrays as sarr
 from semdask.storage import io as sio
 
 __all__ = [
     "convert",
     "convert_each",
-    "databar_rows",
     "image_to_dask",
     "read_classes",
 ]
@@ -78,39 +80,6 @@ log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 _DEFAULT_CHUNK = 2048
-_BAR_SEARCH = 2048  # rows at most searched for a data bar
-
-
-def databar_rows(image: np.ndarray, *, max_fraction: float = 0.3, min_rows: int = 4) -> int:
-    """Height of an instrument data bar at the bottom of ``image`` (0 if none is found).
-
-    A row belongs to the bar when at least half its pixels sit at the bar's background
-    (the bottom row's most common value, +-4 % of the range) and 90 % sit at that
-    background or at the extremes (text), or when the row is (nearly)
-    constant at an extreme (rules).
-    The bar is the run of such rows from the bottom, kept only if it is at least
-    ``min_rows`` and at most ``max_fraction`` of the height: conservative by design.
-    """
-    h = image.shape[0]
-    n = min(int(h * max_fraction), h)
-    if n < min_rows:
-        return 0
-    band = np.asarray(image[h - n :], dtype=np.float64)
-    lo, hi = float(band.min()), float(band.max())
-    if hi <= lo:
-        return 0
-    tol = 0.04 * (hi - lo)
-    values, counts = np.unique(band[-1], return_counts=True)
-    bg = float(values[np.argmax(counts)])
-    near_bg = (np.abs(band - bg) <= tol).mean(axis=1)
-    extreme = ((band <= lo + tol) | (band >= hi - tol)).mean(axis=1)
-    near_any = np.maximum(near_bg, extreme)
-    med = np.median(band, axis=1, keepdims=True)
-    flat = (np.abs(band - med) <= tol).mean(axis=1)
-    rule = (flat >= 0.98) & ((med[:, 0] <= lo + tol) | (med[:, 0] >= hi - tol))
-    bar = ((near_bg >= 0.5) & (near_any >= 0.9)) | rule
-    run = int(np.argmin(bar[::-1])) if not bar.all() else n
-    return run if min_rows <= run < n else 0
 
 
 def _expand(inputs: Sequence[PathLike] | PathLike) -> list[Path]:
@@ -133,23 +102,6 @@ def _expand(inputs: Sequence[PathLike] | PathLike) -> list[Path]:
     if not files:
         raise InputError("inputs", expected="at least one image", got="none")
     return files
-
-
-def _crop(img: ImageFile, crop: bool | int) -> tuple[ImageFile, int]:
-    if crop is False or crop is None:
-        return img, 0
-    if crop is True:
-        h = img.shape[0]
-        n = min(h, _BAR_SEARCH * 10 // 3)
-        rows = databar_rows(img.read(h - n, h, 0, img.shape[1]) if n else np.zeros((0, 0)))
-        rows = min(rows, h - 1)
-        log.info("%s: data bar %s", img.path, f"of {rows} rows cropped" if rows else "not found")
-        return img.cropped(rows), rows
-    if isinstance(crop, int) and crop >= 0:
-        log.info("%s: %d data-bar rows cropped", img.path, crop)
-        return img.cropped(crop), crop
-    raise InputError("crop_databar", expected="False, True (auto) or a number of rows >= 0",
-                     got=repr(crop))
 
 
 def _chunks(img: ImageFile, chunk: int) -> tuple[int, int]:
@@ -185,11 +137,14 @@ def _pixel_size(tag_um: float | None, vendor: str | None, flag_um: float | None)
             raise InputError("pixel_size_um", expected="a positive size in micrometres",
                              got=repr(flag_um), fix="e.g. --pixel-size 0.01 for 10 nm pixels")
         if tag_um is not None and not math.isclose(tag_um, flag_um, rel_tol=1e-3):
-            log.warning("--pixel-size %g um overrides the %s tag (%g um)", flag_um, vendor, tag_um)
+            log.warning("--pixel-size %g um overrides the %s metadata (%g um)", flag_um, vendor,
+                        tag_um)
         return float(flag_um)
     if tag_um is None:
-        log.warning("no pixel size in vendor tags and none given: stored without one "
-                    "(pass --pixel-size UM / pixel_size_um=)")
+        log.warning("pixel size unknown: no vendor, OME-TIFF or ImageJ calibration in the "
+                    "file and none given, so µm figures cannot be computed. Fix: pass it, "
+                    "e.g. `semdask convert IMAGE OUT --pixel-size 0.01` (µm per pixel) or "
+                    "convert(..., pixel_size_um=0.01)")
     return tag_um
 
 
@@ -198,7 +153,7 @@ def convert(
     out: PathLike,
     *,
     pixel_size_um: float | None = None,
-    crop_databar: bool | int = False,
+    crop_databar: bool | int | None = None,
     tile_offsets: PathLike | None = None,
     chunk: int | None = None,
     ngff: str = "0.5",
@@ -217,9 +172,12 @@ def convert(
     out : path-like
         The ``.ome.zarr`` store to write.
     pixel_size_um : float, optional
-        Pixel size in micrometres; wins over vendor tags.
-    crop_databar : bool or int
-        ``True`` detects and crops the data bar, an int crops that many bottom rows.
+        Pixel size in micrometres; wins over the file's metadata.
+    crop_databar : bool, int or None
+        ``None``: crop the data bar the metadata declares (else a detected one in an
+        instrument export); ``True``: declared, else detected, in any image; an int:
+        that many bottom rows (0: none); ``False``: nothing. See
+        :func:`semdask.ingest.databar.crop_databar`.
     tile_offsets : path-like, optional
         CSV ``file,y,x`` (pixels): fuse the inputs into one mosaic with linear blending.
     chunk : int, optional
@@ -263,7 +221,8 @@ def convert(
                              "one image of the same shape, or drop --labels")
         image, tag_um, vendor, source = _fuse(files, tile_offsets, crop_databar, edge)
         px = _pixel_size(tag_um, vendor, pixel_size_um)
-        source["pixel_size_from"] = _px_from(pixel_size_um, tag_um, vendor)
+        if pixel_size_um is not None:
+            source["pixel_size_from"] = "argument"
         return _write(image, out, px, source, None, ngff=ngff, edge=edge, overwrite=overwrite)
     if len(files) != 1:
         raise InputError(
@@ -289,10 +248,11 @@ def _check_options(ngff: str, chunk: int | None) -> int:
     return chunk or _DEFAULT_CHUNK
 
 
-def _px_from(flag_um: float | None, tag_um: float | None, vendor: str | None) -> str | None:
+def _px_from(flag_um: float | None, img: ImageFile) -> str | None:
+    """Where the stored pixel size came from: ``"argument"``, a metadata field or None."""
     if flag_um is not None:
         return "argument"
-    return f"{vendor} tags" if tag_um is not None else None
+    return img.pixel_size_from if img.pixel_size_um is not None else None
 
 
 def _write(image: da.Array, out: PathLike, px: float | None, source: dict[str, Any],
@@ -303,9 +263,9 @@ def _write(image: da.Array, out: PathLike, px: float | None, source: dict[str, A
                              attrs={"source": source}, overwrite=overwrite)
     if labels is not None:
         lab, cls, attrs, name = labels
-        sio.set_complete(mosaic.path, "", False)
+        sarr.set_complete(mosaic.path, "", False)
         sio.write_labels(mosaic.path, lab, name=name, classes=cls, attrs=attrs, chunk=edge)
-        sio.set_complete(mosaic.path, "", True)
+        sarr.set_complete(mosaic.path, "", True)
         mosaic = sio.open_mosaic(mosaic.path)
     if ngff == "0.4":
         from semdask.storage.export import export_ngff04
@@ -320,9 +280,8 @@ def _write_item(item: LabelledImage, out: PathLike, classes: list[str] | None, l
                 overwrite: bool) -> sio.Mosaic:
     img = item.image
     source: dict[str, Any] = {"files": [str(img.path)], "vendor": img.vendor,
-                              "cropped_rows": item.rows,
-                              "pixel_size_from": _px_from(pixel_size_um, img.pixel_size_um,
-                                                          img.vendor)}
+                              "cropped_rows": item.rows, "databar_from": img.crop_from,
+                              "pixel_size_from": _px_from(pixel_size_um, img)}
     px = _pixel_size(img.pixel_size_um, img.vendor, pixel_size_um)
     labels = None
     if item.label is not None and item.counts is not None and classes is not None:
@@ -338,7 +297,7 @@ def _write_item(item: LabelledImage, out: PathLike, classes: list[str] | None, l
 
 
 def _fuse(
-    files: list[Path], csv_path: PathLike, crop: bool | int, edge: int
+    files: list[Path], csv_path: PathLike, crop: bool | int | None, edge: int
 ) -> tuple[da.Array, float | None, str | None, dict[str, Any]]:
     rows = read_tile_offsets(csv_path)
     csv_dir = Path(csv_path).expanduser().resolve().parent
@@ -370,7 +329,9 @@ def _fuse(
                     sorted(map(str, sizes)))
     image = image_to_dask(grid, edge)
     source = {"files": names, "offsets": grid.offsets, "vendor": tiles[0].vendor,
-              "cropped_rows": cropped, "tile_offsets": str(csv_path), "blending": "linear"}
+              "cropped_rows": cropped, "databar_from": [t.crop_from for t in tiles],
+              "pixel_size_from": _px_from(None, tiles[0]),
+              "tile_offsets": str(csv_path), "blending": "linear"}
     log.info("tile grid: %d tiles fused into %s", len(tiles), grid.shape)
     return image, tiles[0].pixel_size_um, tiles[0].vendor, source
 
@@ -410,7 +371,7 @@ def convert_each(
         for q in (root / f"{f.stem}.ome.zarr" for f in files):
             if q.exists() or q.is_symlink():
                 validate_output_path(q, overwrite=False)
-    crop = kwargs.get("crop_databar", False)
+    crop = kwargs.get("crop_databar")
     items = [open_item(f, lambda im: _crop(im, crop), lab, edge, kwargs.get("page"))
              for f, lab in zip(files, matched, strict=True)]
     cls = resolve_classes(items, classes)

@@ -10,25 +10,19 @@ RGB(A) images whose colour channels are equal are read as grey (logged once);
 different channels raise :class:`~semdask.errors.InputError`. Only 8-bit,
 16-bit and float32 data are accepted.
 
-The pixel size comes only from vendor tags, which are trusted:
-FEI/Thermo Fisher (tags 34680/34682, ``[Scan] PixelWidth`` in metres), Zeiss
-SmartSEM (tag 34118 ``CZ_SEM``, ``ap_image_pixel_size`` with a unit) and TESCAN
-(tag 50431, ``PixelSizeX=`` in metres). The generic TIFF XResolution tag is
-ignored: SEM software often fills it with a screen resolution.
-
-Examples
---------
->>> unit_to_um(44.58, "nm")
-0.04458
+The pixel size and the data-bar height come from the vendor's own metadata
+(FEI/Thermo Fisher, Zeiss, TESCAN tags; Hitachi/JEOL sidecar ``.txt`` files;
+OME-TIFF and ImageJ/Fiji calibration): see :mod:`semdask.ingest.vendors`. The
+generic TIFF XResolution tag is ignored: SEM software often fills it with a screen
+resolution. Palette (indexed) TIFFs with a grey colour map, as Zeiss SmartSEM
+writes, are read through their colour map.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,13 +31,12 @@ import numpy as np
 import tifffile
 
 from semdask.errors import InputError, UnsafePathError
+from semdask.ingest.vendors import Calibration, calibrate
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "ImageFile",
     "open_image",
-    "unit_to_um",
-    "vendor_pixel_size",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,53 +44,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 _TIFF = (".tif", ".tiff")
 _DTYPES = ("uint8", "uint16", "float32")
-_UNITS_UM = {"pm": 1e-6, "nm": 1e-3, "um": 1.0, "µm": 1.0, "μm": 1.0, "mm": 1e3, "m": 1e6}
-_PLAUSIBLE_UM = (1e-5, 1e3)  # 10 fm .. 1 mm per pixel
 _REEXPORT = "re-export the image from the instrument software (or check the copy)"
-
-
-def unit_to_um(value: float, unit: str) -> float:
-    """Convert a length ``value`` in ``unit`` (pm, nm, um/µm, mm, m) to micrometres."""
-    factor = _UNITS_UM.get(unit.strip())
-    if factor is None:
-        raise InputError("pixel size unit", expected=f"one of {sorted(_UNITS_UM)}", got=repr(unit))
-    return round(float(value) * factor, 12)
-
-
-def _plausible(um: float | None, source: str) -> float | None:
-    if um is None or not math.isfinite(um) or not _PLAUSIBLE_UM[0] <= um <= _PLAUSIBLE_UM[1]:
-        if um is not None:
-            log.warning("ignoring implausible pixel size %r um from %s", um, source)
-        return None
-    return um
-
-
-def vendor_pixel_size(tif: tifffile.TiffFile) -> tuple[float | None, str | None]:
-    """Pixel size (um) and vendor name from vendor TIFF tags, ``(None, None)`` if absent."""
-    fei = tif.fei_metadata
-    if fei:
-        for section in ("Scan", "EScan", "Image"):
-            value = fei.get(section, {}).get("PixelWidth")
-            if isinstance(value, int | float) and value > 0:
-                return _plausible(value * 1e6, "FEI [Scan] PixelWidth"), "FEI/Thermo Fisher"
-    sem = tif.sem_metadata
-    if sem:
-        entry = sem.get("ap_image_pixel_size") or sem.get("ap_pixel_size")
-        if isinstance(entry, tuple) and len(entry) >= 2:
-            value, unit = entry[1], (entry[2] if len(entry) > 2 else "")
-            if isinstance(value, str):  # e.g. "44.58nm" that tifffile did not split
-                m = re.match(r"\s*([0-9.eE+-]+)\s*(\S*)", value)
-                value, unit = (float(m.group(1)), m.group(2) or unit) if m else (None, unit)
-            if isinstance(value, int | float) and unit:
-                return _plausible(unit_to_um(value, unit), "Zeiss CZ_SEM"), "Zeiss"
-    tag = tif.pages.first.tags.get(50431)
-    if tag is not None:
-        raw = tag.value
-        text = raw.decode("latin-1") if isinstance(raw, bytes | bytearray) else str(raw)
-        m = re.search(r"PixelSizeX\s*=\s*([0-9.eE+-]+)", text)
-        if m:
-            return _plausible(float(m.group(1)) * 1e6, "TESCAN PixelSizeX"), "TESCAN"
-    return None, None
 
 
 def _read_error(path: Path, reason: object) -> InputError:
@@ -125,9 +72,19 @@ class ImageFile:
     segment : tuple of int
         Natural read unit ``(rows, cols)`` (TIFF tile or strip; the whole image otherwise).
     pixel_size_um : float or None
-        From vendor tags (None when there are none).
+        From the file's metadata (None: unknown).
     vendor : str or None
-        Vendor whose tags gave the pixel size.
+        Vendor (or tool) whose metadata gave the pixel size.
+    pixel_size_from : str or None
+        The metadata field(s) it came from (see :mod:`semdask.ingest.vendors`).
+    databar_rows : int or None
+        Data-bar rows the metadata declares at the bottom of the full image.
+    databar_from : str or None
+        The metadata field(s) that declared them.
+    cropped_rows : int
+        Rows dropped at the bottom by :meth:`cropped`.
+    crop_from : str or None
+        Why they were dropped (``"argument"``, ``"detected"`` or a metadata field).
     """
 
     path: Path
@@ -140,20 +97,37 @@ class ImageFile:
     pixel_size_um: float | None = None
     vendor: str | None = None
     memmappable: bool = False
+    pixel_size_from: str | None = None
+    databar_rows: int | None = None
+    databar_from: str | None = None
+    cropped_rows: int = 0
+    crop_from: str | None = None
     _pixels: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _lut: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def ndim(self) -> int:
         """Always 2 (array-like protocol for :func:`dask.array.from_array`)."""
         return 2
 
-    def cropped(self, rows: int) -> ImageFile:
-        """The same file with ``rows`` rows dropped at the bottom (a data bar)."""
+    def cropped(self, rows: int, source: str | None = "argument") -> ImageFile:
+        """The same file with ``rows`` more rows dropped at the bottom (a data bar)."""
         if not 0 <= rows < self.shape[0]:
             raise InputError(
-                "crop_databar", expected=f"0 <= rows < {self.shape[0]}", got=repr(rows)
+                "crop_databar", expected=f"0 <= rows < {self.shape[0]}", got=repr(rows),
+                fix=f"pass fewer rows, e.g. --crop-databar {max(self.shape[0] // 10, 1)}, "
+                "or --crop-databar auto",
             )
-        return dataclasses.replace(self, shape=(self.shape[0] - rows, self.shape[1]))
+        return dataclasses.replace(self, shape=(self.shape[0] - rows, self.shape[1]),
+                                   cropped_rows=self.cropped_rows + rows,
+                                   crop_from=source if rows else self.crop_from)
+
+    def with_calibration(self, cal: Calibration) -> ImageFile:
+        """The same file with the pixel size and data bar of ``cal``."""
+        return dataclasses.replace(
+            self, pixel_size_um=cal.pixel_size_um, vendor=cal.vendor,
+            pixel_size_from=cal.source, databar_rows=cal.databar_rows,
+            databar_from=cal.databar_source)
 
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
         ys, xs = (range(n)[k] for k, n in zip(key, self.shape, strict=True))
@@ -180,7 +154,8 @@ class ImageFile:
             raise
         except Exception as e:  # tifffile/imagecodecs raise many types on corrupt data
             raise _read_error(self.path, e) from e
-        return _to_grey(block, self.path)
+        grey = _to_grey(block, self.path)
+        return grey if self._lut is None else self._lut[grey]
 
     def _read_segments(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Decode only the TIFF tiles/strips overlapping the region."""
@@ -290,13 +265,37 @@ def _open_tiff(path: Path, page: int | None) -> ImageFile:
                                     f"the file has {size} bytes")
         tiled = p.is_tiled
         segment = (p.tilelength, p.tilewidth) if tiled else (min(p.rowsperstrip or h, h), w)
-        um, vendor = vendor_pixel_size(tif)
+        try:
+            cal = calibrate(tif, path, (h, w), pindex)
+        except Exception as e:  # malformed vendor metadata must not hide the pixels
+            log.warning("%s: unreadable metadata (%s): pixel size unknown", path, e)
+            cal = Calibration()
         info = ImageFile(
             path=path, shape=(h, w), dtype=dtype, fmt="tiff", channels=planes * contig,
-            page=pindex, segment=segment,
-            pixel_size_um=um, vendor=vendor, memmappable=bool(p.is_memmappable),
-        )
+            page=pindex, segment=segment, memmappable=bool(p.is_memmappable),
+            _lut=_palette_lut(p, path),
+        ).with_calibration(cal)
     return info
+
+
+def _palette_lut(p: tifffile.TiffPage, path: Path) -> np.ndarray | None:
+    """Grey look-up table of an indexed (palette) page; None when it is the identity."""
+    if p.photometric != tifffile.PHOTOMETRIC.PALETTE or p.colormap is None:
+        return None
+    cmap = np.asarray(p.colormap)
+    if cmap.ndim != 2 or cmap.shape[0] != 3 or not (
+        np.array_equal(cmap[0], cmap[1]) and np.array_equal(cmap[0], cmap[2])
+    ):
+        raise InputError(
+            f"{path}", expected="a grey SEM image (a palette image needs a grey colour map)",
+            got="a colour palette",
+            fix="export the detector signal as a grey image, e.g. "
+            "tifffile.imwrite(out, image) from the indexed pixels mapped to grey",
+        )
+    grey = cmap[0].astype(np.uint32)
+    lut = (grey >> 8).astype(np.uint8) if p.dtype == np.uint8 else grey.astype(np.uint16)
+    ramp = np.arange(lut.size)
+    return None if np.array_equal(lut, ramp.astype(lut.dtype)) and lut.size <= 65536 else lut
 
 
 def _open_pillow(path: Path) -> ImageFile:
@@ -324,7 +323,7 @@ def _open_pillow(path: Path) -> ImageFile:
     return ImageFile(
         path=path, shape=(grey.shape[0], grey.shape[1]), dtype=grey.dtype, fmt=fmt,
         channels=channels, segment=grey.shape, _pixels=grey,
-    )
+    ).with_calibration(calibrate(None, path, (grey.shape[0], grey.shape[1])))
 
 
 def open_image(path: str | os.PathLike[str], *, page: int | None = None) -> ImageFile:

@@ -195,21 +195,3 @@ def predict_block(feats: np.ndarray, clf: Any, n_classes: int) -> np.ndarray:
     else:
         out[np.asarray(clf.predict(X), np.int64), np.arange(X.shape[0])] = 1
     return out.reshape(n_classes, *feats.shape[1:])
-
-
-
-# ----------------------------------------------------------------------------- moved names
-#: old import paths: these now live in semdask.registration / semdask.annotations
-_MOVED = {**dict.fromkeys(("ShiftField", "aggregate_shifts", "estimate_shift",
-                           "interpolate_field", "resample_block"), "registration"),
-          **dict.fromkeys(("Annotation", "parse_annotations", "rasterise",
-                           "synthetic_scribbles"), "annotations")}
-
-
-def __getattr__(name: str) -> Any:
-    """Resolve the moved names lazily (keeps this module free of dask and zarr)."""
-    if name in _MOVED:
-        from importlib import import_module
-
-        return getattr(import_module(f"{__package__}.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -52,6 +52,7 @@ from semdask.errors import InputError
 from semdask.labelling.annotations import parse_annotations, read_annotations, synthetic_scribbles
 from semdask.labelling.features import FeatureSpec, chunk_grid, features_block, predict_block
 from semdask.labelling.registration import EdsMaps, ShiftField, load_eds, register_eds, upsample_eds
+from semdask.storage import arrays as sarr
 from semdask.storage import io
 
 __all__ = [
@@ -304,11 +305,40 @@ def label(mosaic: Any, annotations: Any, *, eds: Any = "store",
           overwrite: bool = False, client: Any = None) -> LabelResult:
     """EDS-guided labels of ``mosaic`` from sparse ``annotations`` (see the module doc).
 
-    ``eds``: ``"store"``, ``None`` (SEM features only), ``{element: file or array}`` or a
-    (c, h, w) array. ``classes``/``colours`` default to the synthetic PHASES/COLOURS.
-    Writes ``labels/<name>`` and ``<name>-confidence`` into ``output`` (default: the mosaic);
-    the other arguments go to :func:`build_features`, :func:`read_annotations`,
-    :func:`training_pixels` and :func:`fit_classifier`.
+    Parameters
+    ----------
+    mosaic : path or Mosaic
+        The OME-Zarr mosaic to label.
+    annotations : path or array
+        Sparse scribbles: a label image (``0`` = unlabelled, class ``k`` stored as ``k + 1``
+        unless ``unlabelled`` says otherwise), a CSV of points or a GeoJSON of shapes.
+    eds : {"store", None} or mapping or array
+        ``"store"``: the mosaic's ``eds`` group; ``None``: SEM features only;
+        ``{element: file or array}`` or a ``(c, h, w)`` array of EDS maps.
+    classes, colours : sequence, optional
+        Class names and RGBA colours [default: the synthetic SOC PHASES / COLOURS].
+    name : str
+        Writes ``labels/<name>`` and the image group ``<name>-confidence``.
+    output : path, optional
+        Where to write [default: into the mosaic].
+    classifier : scikit-learn style classifier, optional
+        Any object with ``fit``/``predict_proba`` [default: a random forest of
+        ``n_estimators`` trees, ``max_depth``, ``n_jobs``, ``seed``].
+    overwrite : bool
+        Replace existing ``labels/<name>``.
+    client : distributed.Client, optional
+        Run on this cluster [default: the active scheduler].
+
+    The other arguments go to :func:`build_features` (``eds_channels``, ``sem_features``,
+    ``eds_features``, ``register``, ``tile``, ``upsample_factor``, ``chunk``),
+    :func:`read_annotations` (``unlabelled``, ``radius``), :func:`training_pixels`
+    (``max_per_class``) and :func:`fit_classifier`.
+
+    Returns
+    -------
+    LabelResult
+        The output store, group names, classes, training pixels per class and the EDS
+        registration shift field.
     """
     from semdask.synthetic.sem import COLOURS, PHASES
 
@@ -341,11 +371,17 @@ def label(mosaic: Any, annotations: Any, *, eds: Any = "store",
                                          "max class probability; use as a training weight"}},
                                   overwrite=overwrite)
     lab, conf = probs.argmax(axis=0).astype(np.uint8), probs.max(axis=0).astype(np.float16)
-    job = io.store_blocks([io.align_to(lab, lab_t), io.align_to(conf, conf_t)],
+    job = sarr.store_blocks([sarr.align_to(lab, lab_t), sarr.align_to(conf, conf_t)],
                           [lab_t, conf_t], compute=False)
-    client.compute(job).result() if client is not None else job.compute()  # type: ignore
-    io.finish_group(out, f"labels/{name}")
-    io.finish_group(out, f"{name}-confidence")
+    if client is not None:
+        client.compute(job).result()
+    else:
+        from semdask.progress import DaskProgress
+
+        with DaskProgress("label"):
+            job.compute()  # type: ignore[union-attr]
+    sarr.finish_group(out, f"labels/{name}")
+    sarr.finish_group(out, f"{name}-confidence")
     sec["total"] = time.perf_counter() - t0
     sec["predict"] = sec["total"] - sec["fit"] - sec["register"]
     log.info("label: wrote %s/labels/%s in %.1f s", out, name, sec["total"])

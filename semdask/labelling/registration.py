@@ -37,6 +37,7 @@ from scipy import ndimage as ndi
 
 from semdask.errors import InputError, SemdaskError
 from semdask.labelling.features import chunk_grid
+from semdask.storage import arrays as sarr
 from semdask.storage import io
 
 __all__ = [
@@ -231,7 +232,7 @@ def load_eds(source: Any, shape: tuple[int, int], *, mosaic: Any = None,
             raise InputError("EDS maps", expected=f"an 'eds' image group in {mosaic}",
                              got="none", fix="pass --eds Ni=ni.tif --eds O=o.tif ..., or "
                              "--eds none for SEM-only features") from e
-        sem = io.read_attrs(mosaic, "eds").get("semdask") or {}
+        sem = sarr.read_attrs(mosaic, "eds").get("semdask") or {}
         names = tuple(sem.get("channels") or (f"eds{i}" for i in range(arr.shape[0])))
         true = tuple(sem["true_shift_px"]) if "true_shift_px" in sem else None
     elif isinstance(source, Mapping):

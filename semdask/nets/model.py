@@ -42,7 +42,6 @@ from pydantic import (
 from semdask.errors import ModelError
 from semdask.nets.resunet import ResUNet
 from semdask.nets.unet import DEFAULT_DROPOUT, DEFAULT_WIDTHS, UNet
-from semdask.nets.unet import _interval as _interval  # re-exported for the tests
 
 __all__ = [
     "ARCHITECTURES",
@@ -60,11 +59,18 @@ __all__ = [
     "model_hash",
     "receptive_field",
     "save_model",
+    "tensors_hash",
 ]
 
 log = logging.getLogger(__name__)
 
 _META_KEY = "semdask"
+_TENSORS_KEY = "semdask-tensors-sha256"
+_RESTORE = (
+    "restore the file (copy it again, with its .yaml sidecar, from where it was trained); "
+    "if the weights were replaced on purpose, write them with "
+    "semdask.nets.model.save_model(model, config, path), which rewrites the sidecar"
+)
 _CONVERT = (
     "convert it once on a trusted machine:\n"
     "    state = torch.load('model.pt', map_location='cpu', weights_only=True)\n"
@@ -198,6 +204,7 @@ def save_model(model: Net, config: ModelConfig, path: str | os.PathLike[str]) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={_META_KEY: config.model_dump_json(),
+                                           _TENSORS_KEY: tensors_hash(tensors),
                                            "format": "pt"})
     os.replace(tmp, path)
     side, stmp = path.with_suffix(".yaml"), path.with_suffix(".yaml.tmp")
@@ -238,16 +245,23 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
                ) -> tuple[Net, ModelConfig]:
     """Load a model saved by :func:`save_model`, in eval mode on ``device``.
 
+    The weights are checked before use: the SHA-256 of the file against the one its
+    ``.yaml`` sidecar records (when there is a sidecar), and the SHA-256 of the tensors
+    against the one :func:`save_model` writes into the header (files saved by semdask
+    0.x before it did are checked against the sidecar only).
+
     Raises
     ------
     ModelError
         The file is not safetensors (e.g. a pickle), has no or an invalid
-        semdask config, or its tensors do not match the configured architecture.
+        semdask config, its tensors do not match the configured architecture, or
+        its content does not match the recorded SHA-256 (damaged or altered weights).
     """
     from safetensors import safe_open
 
     path = Path(path)
     _sniff(path)
+    _check_sidecar(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
@@ -255,6 +269,12 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
     except Exception as e:  # safetensors raises its own error types
         raise ModelError(str(path), expected="a valid safetensors file",
                          got=f"{type(e).__name__}: {e}", fix=_CONVERT) from None
+    recorded = meta.get(_TENSORS_KEY)
+    if recorded is not None and (actual := tensors_hash(tensors)) != recorded:
+        raise ModelError(str(path), expected=f"weights whose SHA-256 is {recorded} (recorded "
+                         "in the file's header when it was saved)", got=f"weights hashing to "
+                         f"{actual}: the file was damaged or altered after it was saved",
+                         fix=_RESTORE)
     if _META_KEY not in meta:
         raise ModelError(str(path), expected="semdask config in the safetensors metadata",
                          got=f"metadata keys {sorted(meta)}",
@@ -281,12 +301,54 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
 
 
 def model_hash(path: str | os.PathLike[str]) -> str:
-    """SHA-256 (hex) of the weights file."""
+    """SHA-256 (hex) of the weights file, hashed once per process per path, size and mtime."""
+    p = Path(path).resolve()
+    st = p.stat()
+    fkey = (str(p), st.st_size, st.st_mtime_ns)
+    digest = _HASHES.get(fkey)
+    if digest is None:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digest = _HASHES[fkey] = h.hexdigest()
+    return digest
+
+
+def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of named tensors: names, dtypes, shapes and bytes, in name order.
+
+    Stored in the safetensors header by :func:`save_model` (a file cannot hold its own
+    file hash) and checked by :func:`load_model`.
+
+    >>> one, zero = {"w": torch.ones(2, 2)}, {"w": torch.zeros(2, 2)}
+    >>> tensors_hash(one) == tensors_hash({"w": torch.ones(2, 2)}) != tensors_hash(zero)
+    True
+    """
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def _check_sidecar(path: Path) -> None:
+    """ModelError when the ``.yaml`` sidecar records a SHA-256 the file does not have."""
+    side = path.with_suffix(".yaml")
+    try:
+        doc = yaml.safe_load(side.read_text()) if side.is_file() else None
+    except (OSError, yaml.YAMLError) as e:
+        log.warning("ignoring unreadable model sidecar %s (%s)", side, e)
+        return
+    want = doc.get("sha256") if isinstance(doc, dict) else None
+    if not isinstance(want, str) or not want:
+        return
+    got = model_hash(path)
+    if got != want.lower():
+        raise ModelError(str(path), expected=f"a file whose SHA-256 is {want} (recorded in "
+                         f"{side.name} when it was saved)", got=f"SHA-256 {got}: the weights "
+                         "file was damaged or altered after it was saved", fix=_RESTORE)
 
 
 def bundled_model_path() -> Path:
@@ -309,13 +371,12 @@ def get_model(path: str | os.PathLike[str] | None = None, device: str | torch.de
     """
     p = Path(path) if path is not None else bundled_model_path()
     try:
-        st = p.resolve().stat()
+        p.resolve().stat()
     except OSError as e:
         raise ModelError(str(p), expected="an existing model file",
                          got=f"{type(e).__name__}: {e}") from None
     with _LOCK:
-        fkey = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-        digest = _HASHES.get(fkey) or _HASHES.setdefault(fkey, model_hash(p))
+        digest = model_hash(p)
         key = (digest, str(torch.device(device)))
         if key not in _CACHE:
             model, config = load_model(p, device=device)

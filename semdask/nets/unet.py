@@ -16,9 +16,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from semdask.errors import ModelError
+from semdask.nets.dropout import Dropout
 
 __all__ = ["DEFAULT_DROPOUT", "DEFAULT_WIDTHS", "UNet"]
 
@@ -27,17 +29,21 @@ DEFAULT_DROPOUT = (0.1, 0.1, 0.2, 0.2, 0.3)
 
 
 class _Block(nn.Module):
-    """Two 3x3 convolutions (padding 1) with ReLU; dropout between them (Keras U-Net)."""
+    """Two 3x3 convolutions (padding 1) with ReLU; dropout between them (Keras U-Net).
+
+    ReLU runs in place (a convolution's backward needs its input, not its output), and
+    the dropout is :class:`semdask.nets.dropout.Dropout` (fast on the CPU).
+    """
 
     def __init__(self, cin: int, cout: int, p: float) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.drop = nn.Dropout(p)
+        self.drop = Dropout(p)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.conv1(x))
-        return torch.relu(self.conv2(self.drop(x)))
+        x = F.relu(self.conv1(x), inplace=True)
+        return F.relu(self.conv2(self.drop(x)), inplace=True)
 
 
 class UNet(nn.Module):

@@ -3,8 +3,9 @@
 Writes create every array first (sharded, blosc-zstd) and then store shard-aligned
 dask blocks with :func:`store_blocks`; a group is marked incomplete
 (``attrs["semdask"]["complete"] = False``) until its data are written, and readers
-refuse incomplete outputs. Pyramid levels are 2x mean (images) or 2x mode (labels)
-downsamplings built by :mod:`semdask.ome`.
+refuse incomplete outputs, and damaged outputs of ``semdask segment`` (every block read
+is checked against its ledger: :mod:`semdask.storage.integrity`). Pyramid levels are 2x
+mean (images) or 2x mode (labels) downsamplings built by :mod:`semdask.ome`.
 
 Examples
 --------
@@ -21,7 +22,6 @@ Examples
 
 from __future__ import annotations
 
-import itertools
 import logging
 import re
 from collections.abc import Sequence
@@ -33,32 +33,32 @@ import dask.array as da
 import numpy as np
 import zarr
 import zarr.codecs
-from dask.delayed import Delayed
 
 from semdask import config
-from semdask.errors import IncompleteOutputError, InputError, StoreError, UnsafePathError
-from semdask.inference.windows import inner_chunk
+from semdask.errors import InputError, StoreError, UnsafePathError
 from semdask.paths import is_store, validate_input_path, validate_output_path
-from semdask.storage import ome, pyramid
+from semdask.storage import integrity, ome, pyramid
+from semdask.storage.arrays import (
+    align_to,
+    as_array,
+    as_dask,
+    begin_pyramid,
+    check_complete,
+    finish_group,
+    group_attrs,
+    read_attrs,
+    store_blocks,
+)
 
 __all__ = [
     "Labels",
     "Mosaic",
-    "align_to",
     "begin_extra_image",
     "begin_labels",
-    "create_array",
-    "finish_group",
     "open_array",
     "open_extra_image",
     "open_labels",
     "open_mosaic",
-    "read_attrs",
-    "set_complete",
-    "store_blocks",
-    "update_attrs",
-    "validate_input_path",
-    "validate_output_path",
     "write_extra_image",
     "write_image",
     "write_labels",
@@ -69,152 +69,6 @@ log = logging.getLogger(__name__)
 PathLike = str | Path
 _RERUN = "re-run the command; the previous run was interrupted"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
-
-
-# ------------------------------------------------------------------ attributes
-
-
-def _group(path: PathLike, group: str = "", mode: Literal["r", "r+"] = "r") -> zarr.Group:
-    p = Path(path)
-    if not is_store(p):
-        raise StoreError(f"{p}", expected="a Zarr store", got="no zarr.json there")
-    try:
-        root = zarr.open_group(store=str(p), mode=mode)
-        g = root[group] if group else root
-    except (KeyError, FileNotFoundError, ValueError) as e:
-        raise StoreError(f"group {group!r} in {p}", expected="an existing group",
-                         got="nothing there") from e
-    if not isinstance(g, zarr.Group):
-        raise StoreError(f"{group!r} in {p}", expected="a group", got="an array")
-    return g
-
-
-def _attrs(g: zarr.Group) -> dict[str, Any]:
-    return dict(g.attrs.asdict())
-
-
-def read_attrs(path: PathLike, group: str = "") -> dict[str, Any]:
-    """All attributes of ``group`` (root by default) of the store at ``path``."""
-    return _attrs(_group(path, group))
-
-
-def update_attrs(path: PathLike, group: str, values: dict[str, Any],
-                 *, key: str | None = "semdask") -> None:
-    """Merge ``values`` into ``attrs[key]`` (or into the top level when ``key`` is None)."""
-    g = _group(path, group, mode="r+")
-    vals = ome.jsonable(values)
-    if key is None:
-        g.attrs.update(vals)
-    else:
-        g.attrs[key] = {**(_attrs(g).get(key) or {}), **vals}
-
-
-def set_complete(path: PathLike, group: str = "", complete: bool = True) -> None:
-    """Mark ``group`` finished (or unfinished) in ``attrs["semdask"]["complete"]``."""
-    update_attrs(path, group, {"complete": bool(complete)})
-
-
-def _check_complete(attrs: dict[str, Any], what: str) -> None:
-    if (attrs.get("semdask") or {}).get("complete") is False:
-        raise IncompleteOutputError(what, expected="a completely written output",
-                                    got="a store marked incomplete", fix=_RERUN)
-
-
-# ------------------------------------------------------------------ arrays
-
-
-def create_array(group: zarr.Group, name: str, *, shape: Sequence[int], dtype: Any,
-                 shard: tuple[int, ...], dimension_names: tuple[str, ...],
-                 fill_value: Any = 0) -> zarr.Array:
-    """Create a sharded blosc-zstd array; inner chunk = ``tiling.inner_chunk(shard edge)``."""
-    max_inner = int(config.get("store.inner-chunk", 512))
-    inner = tuple(inner_chunk(int(s), max_inner=max_inner) for s in shard)
-    level = int(config.get("store.compressor-level", 5))
-    codec = zarr.codecs.BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")
-    return group.create_array(name, shape=tuple(shape), dtype=dtype, chunks=inner,
-                              shards=tuple(shard), compressors=codec, fill_value=fill_value,
-                              dimension_names=dimension_names)
-
-
-def _grid(arr: zarr.Array) -> tuple[int, ...]:
-    return tuple(arr.shards or arr.chunks)
-
-
-def align_to(x: da.Array, target: zarr.Array) -> da.Array:
-    """Rechunk ``x`` onto the shard grid (chunk grid when unsharded) of ``target``."""
-    grid = _grid(target)
-    return x if ome.misaligned(x.chunks, grid) is None else x.rechunk(grid)
-
-
-def store_blocks(sources: Sequence[da.Array], targets: Sequence[zarr.Array], *,
-                 compute: bool = True) -> Delayed | None:
-    """Store dask arrays into zarr arrays in one graph (shared upstream computation).
-
-    Every dask chunk boundary must be a shard boundary, otherwise two tasks would
-    write the same shard and silently lose data. With ``compute=False`` one
-    ``Delayed`` is returned (compute it on a client or under a progress bar).
-
-    Raises
-    ------
-    StoreError
-        When shapes differ or chunks are not aligned with the target's shards.
-    """
-    if len(sources) != len(targets):
-        raise StoreError("store_blocks", expected="one target per source",
-                         got=f"{len(sources)} sources and {len(targets)} targets")
-    for src, tgt in zip(sources, targets, strict=True):
-        if tuple(src.shape) != tuple(tgt.shape):
-            raise StoreError(f"array written to {tgt.path}", expected=f"shape {tgt.shape}",
-                             got=f"shape {src.shape}")
-        bad = ome.misaligned(src.chunks, _grid(tgt))
-        if bad is not None:
-            raise StoreError(
-                f"dask chunks of the array written to {tgt.path}",
-                expected=f"chunk boundaries on multiples of the shard {_grid(tgt)}",
-                got=f"a boundary at {bad[1]} on axis {bad[0]}",
-                fix=f"rechunk first: x.rechunk({_grid(tgt)}) or semdask.io.align_to(x, target)")
-    stored = da.store(list(sources), list(targets), lock=False,  # type: ignore[arg-type]
-                      compute=compute)
-    if compute:
-        return None
-    from dask.graph_manipulation import checkpoint
-
-    # dask returns empty "store-map" arrays here; one Delayed is easier to hand around
-    return checkpoint(*(stored if isinstance(stored, tuple | list) else [stored]))
-
-
-def _as_dask(arr: Any) -> da.Array:
-    return da.from_zarr(arr, chunks=_grid(arr))
-
-
-def _as_array(x: Any, ndims: tuple[int, ...], what: str) -> da.Array:
-    x = x if isinstance(x, da.Array) else da.asarray(np.asarray(x))
-    if x.ndim not in ndims:
-        want = " or ".join(f"{n}-D" for n in ndims)
-        raise InputError(what, expected=f"a {want} array", got=f"shape {x.shape}")
-    return x
-
-
-def _begin(parent: zarr.Group, name: str, attrs: dict[str, Any], *, shape: Sequence[int],
-           dtype: Any, shard: tuple[int, ...], names: str) -> zarr.Array:
-    """Create group ``name`` (marked incomplete) and every pyramid level array; return level 0."""
-    g = parent.create_group(name, attributes=attrs) if name else parent
-    n = len(ome.multiscales_of(attrs)[0]["datasets"])
-    arrays = [create_array(g, str(i), shape=s, dtype=dtype, shard=shard,
-                           dimension_names=tuple(names))
-              for i, s in enumerate(pyramid.level_shapes(shape, n))]
-    return arrays[0]
-
-
-def finish_group(path: PathLike, group: str = "") -> None:
-    """Fill pyramid levels 1.. from level 0 (mode for labels, else mean); mark complete."""
-    g = _group(path, group, mode="r+")
-    ms = ome.multiscales_of(_attrs(g))[0]
-    arrays: list[Any] = [g[d["path"]] for d in ms["datasets"]]
-    down = pyramid.downsample_mode if ms.get("type") == "mode" else pyramid.downsample_mean
-    for prev, arr in itertools.pairwise(arrays):
-        store_blocks([align_to(down(_as_dask(prev)), arr)], [arr])
-    set_complete(path, group)
 
 
 # ------------------------------------------------------------------ images
@@ -235,7 +89,8 @@ class Mosaic:
         return _squeeze(_level(self.path, "", self.attrs, i), self.path)
 
 
-def _level(path: Path, group: str, attrs: dict[str, Any], i: int) -> da.Array:
+def _level(path: Path, group: str, attrs: dict[str, Any], i: int, *,
+           checked: bool = False) -> da.Array:
     ms = ome.multiscales_of(attrs)
     datasets = ms[0]["datasets"] if ms else []
     if not 0 <= i < len(datasets):
@@ -245,7 +100,8 @@ def _level(path: Path, group: str, attrs: dict[str, Any], i: int) -> da.Array:
         arr = zarr.open_array(store=str(path), path=sub, mode="r")
     except (FileNotFoundError, KeyError, ValueError) as e:
         raise StoreError(f"{path}/{sub}", expected="a Zarr array", got="nothing there") from e
-    return _as_dask(arr)
+    x = integrity.checked_level(arr, path, group, i) if checked else None  # None: no ledger
+    return as_dask(arr) if x is None else x
 
 
 def _squeeze(x: da.Array, path: Path) -> da.Array:
@@ -283,7 +139,7 @@ def open_mosaic(path: PathLike) -> Mosaic:
     if not ms:
         raise StoreError(f"{p}", expected="an OME-Zarr image (multiscales metadata)",
                          got="a Zarr group without multiscales", fix=convert)
-    _check_complete(attrs, f"mosaic {p}")
+    check_complete(attrs, f"mosaic {p}")
     return Mosaic(path=p, image=_squeeze(_level(p, "", attrs, 0), p),
                   pixel_size_um=ome.pixel_size_of(attrs), levels=len(ms[0]["datasets"]),
                   attrs=attrs)
@@ -302,7 +158,7 @@ def _root_for_write(path: PathLike) -> tuple[Path, zarr.Group]:
 
 
 def _mosaic_shape(root: zarr.Group) -> tuple[int, ...] | None:
-    ms = ome.multiscales_of(_attrs(root))
+    ms = ome.multiscales_of(group_attrs(root))
     if not ms:
         return None
     return tuple(root[ms[0]["datasets"][0]["path"]].shape)[-2:]  # type: ignore[union-attr]
@@ -324,14 +180,14 @@ def write_image(path: PathLike, image: da.Array, *, pixel_size_um: float | None,
     Shard edge = ``chunk`` (else config ``store.shard``, else the dask chunk edge);
     levels until the smaller side is at most 512 px unless ``levels`` is given.
     """
-    x = _as_array(image, (2,), "image")
+    x = as_array(image, (2,), "image")
     p = validate_output_path(path, overwrite=overwrite)
     cfg = config.get("store.shard", "auto")
     chunk = chunk or (cfg if isinstance(cfg, int) else None)
     meta = {**ome.image_attrs(levels or pyramid.n_levels(x.shape), pixel_size_um=pixel_size_um,
                               name=p.name), "semdask": ome.semdask_attrs(attrs, pixel_size_um)}
     root = zarr.create_group(store=str(p), zarr_format=3)
-    arr = _begin(root, "", meta, shape=x.shape, dtype=x.dtype, names="yx",
+    arr = begin_pyramid(root, "", meta, shape=x.shape, dtype=x.dtype, names="yx",
                  shard=ome.shard_shape(x.shape, "yx", chunk=chunk, chunks=x.chunks))
     root.attrs.update(meta)
     store_blocks([align_to(x, arr)], [arr])
@@ -361,15 +217,15 @@ def begin_extra_image(path: PathLike, name: str, *, shape: Sequence[int], dtype:
                          got=repr(list(channel_names)))
     p, root = _root_for_write(path)
     if pixel_size_um is None:
-        pixel_size_um = ome.pixel_size_of(_attrs(root))
+        pixel_size_um = ome.pixel_size_of(group_attrs(root))
     if levels is None and _mosaic_shape(root) == tuple(shape[-2:]):
-        levels = len(ome.multiscales_of(_attrs(root))[0]["datasets"])  # same pyramid
+        levels = len(ome.multiscales_of(group_attrs(root))[0]["datasets"])  # same pyramid
     _replace(root, name, overwrite, f"{name} in {p}")
     extra: dict[str, Any] = {} if channel_names is None else {"channels": list(channel_names)}
     meta = {**ome.image_attrs(levels or pyramid.n_levels(shape), pixel_size_um=pixel_size_um,
                               names=names, name=name),
             "semdask": ome.semdask_attrs(attrs, pixel_size_um, **extra)}
-    return _begin(root, name, meta, shape=shape, dtype=dtype, names=names,
+    return begin_pyramid(root, name, meta, shape=shape, dtype=dtype, names=names,
                   shard=ome.shard_shape(shape, names, chunk=chunk or 1024))
 
 
@@ -382,7 +238,7 @@ def write_extra_image(path: PathLike, name: str, array: da.Array, *,
 
     ``array`` is (y, x) or (c, y, x); shard edge = ``chunk`` or the dask chunk edge.
     """
-    x = _as_array(array, (2, 3), name)
+    x = as_array(array, (2, 3), name)
     x = x.astype(dtype) if dtype is not None else x
     names = "yx" if x.ndim == 2 else "cyx"
     shard = ome.shard_shape(x.shape, names, chunk=chunk, chunks=x.chunks)
@@ -411,8 +267,8 @@ def open_extra_image(path: PathLike, name: str, level: int = 0) -> da.Array:
     except StoreError as e:
         raise StoreError(f"{name} in {p}", expected="an image group", got="nothing there",
                          fix="write it first (e.g. semdask segment --probs)") from e
-    _check_complete(attrs, f"{name} in {p}")
-    return _level(p, name, attrs, level)
+    check_complete(attrs, f"{name} in {p}")
+    return _level(p, name, attrs, level, checked=True)
 
 
 # ------------------------------------------------------------------ labels
@@ -436,7 +292,7 @@ class Labels:
 
     def level(self, i: int) -> da.Array:
         """Pyramid level ``i`` of the labels (mode-downsampled)."""
-        return _level(self.path, f"labels/{self.name}", self.attrs, i)
+        return _level(self.path, f"labels/{self.name}", self.attrs, i, checked=True)
 
 
 def begin_labels(path: PathLike, name: str = "phases", *, shape: Sequence[int],
@@ -456,7 +312,7 @@ def begin_labels(path: PathLike, name: str = "phases", *, shape: Sequence[int],
     if colours is not None and len(colours) != len(classes):
         raise InputError("colours", expected=f"{len(classes)} RGBA tuples", got=str(len(colours)))
     p, root = _root_for_write(path)
-    root_attrs = _attrs(root)
+    root_attrs = group_attrs(root)
     ms = ome.multiscales_of(root_attrs)
     if ms:
         if _mosaic_shape(root) != tuple(shape):
@@ -472,9 +328,9 @@ def begin_labels(path: PathLike, name: str = "phases", *, shape: Sequence[int],
     meta = {**ome.image_label_attrs(levels or pyramid.n_levels(shape), classes=classes,
                                     colours=cols, pixel_size_um=px, name=name),
             "semdask": ome.semdask_attrs(attrs, px, classes=list(classes), colours=cols)}
-    arr = _begin(lg, name, meta, shape=shape, dtype=np.uint8, names="yx",
+    arr = begin_pyramid(lg, name, meta, shape=shape, dtype=np.uint8, names="yx",
                  shard=ome.shard_shape(shape, "yx", chunk=chunk or 1024))
-    names = [s for s in (_attrs(lg).get("ome") or {}).get("labels", []) if s != name]
+    names = [s for s in (group_attrs(lg).get("ome") or {}).get("labels", []) if s != name]
     lg.attrs.update(ome.labels_attrs([*names, name]))
     return arr
 
@@ -485,7 +341,7 @@ def write_labels(path: PathLike, labels: da.Array, *, name: str = "phases",
                  attrs: dict[str, Any] | None = None, chunk: int | None = None,
                  overwrite: bool = False, levels: int | None = None) -> Labels:
     """Write ``labels/<name>`` (uint8 class ids, 2x mode pyramid) into a mosaic store."""
-    x = _as_array(labels, (2,), "labels")
+    x = as_array(labels, (2,), "labels")
     x = x.astype(np.uint8) if x.dtype != np.uint8 else x
     shard = ome.shard_shape(x.shape, "yx", chunk=chunk, chunks=x.chunks)
     arr = begin_labels(path, name, shape=x.shape, classes=classes, colours=colours,
@@ -496,7 +352,8 @@ def write_labels(path: PathLike, labels: da.Array, *, name: str = "phases",
 
 
 def open_labels(path: PathLike, name: str = "phases") -> Labels:
-    """Open ``labels/<name>``; IncompleteOutputError when its write did not finish."""
+    """Open ``labels/<name>``: IncompleteOutputError when unfinished; DamagedOutputError
+    (now, or from a damaged block's task) when it no longer matches its ledger."""
     p = validate_input_path(path, kind="dir")
     try:
         attrs = read_attrs(p, f"labels/{name}")
@@ -508,9 +365,9 @@ def open_labels(path: PathLike, name: str = "phases") -> Labels:
         raise StoreError(f"labels {name!r} in {p}", expected="an existing label image",
                          got=f"labels {have}" if have else "no labels",
                          fix="run semdask segment (or label) on this store first") from e
-    _check_complete(attrs, f"labels/{name} in {p}")
+    check_complete(attrs, f"labels/{name} in {p}")
     classes, colours = ome.label_info(attrs)
-    return Labels(path=p, name=name, data=_level(p, f"labels/{name}", attrs, 0),
+    return Labels(path=p, name=name, data=_level(p, f"labels/{name}", attrs, 0, checked=True),
                   classes=classes, colours=colours, attrs=attrs)
 
 
@@ -518,21 +375,20 @@ def write_synthetic(path: PathLike, mosaic: Any, *, overwrite: bool = False,
                     client: Any = None) -> Mosaic:
     """Write a :class:`semdask.synthetic.sem.SyntheticMosaic`: image, ``labels/truth``, ``eds``.
 
-    All three are stored in one graph, so each synthetic chunk is rendered once.
+    All three are stored in one graph, so each synthetic chunk is rendered once. The class
+    names and colours of ``labels/truth`` come from ``mosaic.classes`` / ``mosaic.colours``.
     """
-    from semdask.synthetic.sem import COLOURS, PHASES
-
-    x, px = _as_array(mosaic.image, (2,), "image"), mosaic.pixel_size_um
+    x, px = as_array(mosaic.image, (2,), "image"), mosaic.pixel_size_um
     p = validate_output_path(path, overwrite=overwrite)
     shard = ome.shard_shape(x.shape, "yx", chunks=x.chunks)
     meta = {**ome.image_attrs(pyramid.n_levels(x.shape), pixel_size_um=px, name=p.name),
             "semdask": ome.semdask_attrs({"synthetic": {**mosaic.params.as_dict(),
                                                         "seed": mosaic.seed}}, px)}
-    img_t = _begin(zarr.create_group(store=str(p), zarr_format=3, attributes=meta), "", meta,
+    img_t = begin_pyramid(zarr.create_group(store=str(p), zarr_format=3, attributes=meta), "", meta,
                    shape=x.shape, dtype=x.dtype, shard=shard, names="yx")
-    lab_t = begin_labels(p, "truth", shape=x.shape, classes=PHASES, colours=COLOURS,
+    lab_t = begin_labels(p, "truth", shape=x.shape, classes=mosaic.classes, colours=mosaic.colours,
                          chunk=shard[-1])
-    eds = _as_array(mosaic.eds, (3,), "eds")
+    eds = as_array(mosaic.eds, (3,), "eds")
     eds_t = begin_extra_image(p, "eds", shape=eds.shape, dtype=eds.dtype, pixel_size_um=px * 4,
                               channel_names=("Ni", "O", "Zr"),
                               attrs={"true_shift_px": list(mosaic.eds_shift_px)},

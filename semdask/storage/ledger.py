@@ -8,6 +8,10 @@ status, CRC-32 of every output block, time, worker). Records are written by the
 task that wrote the block, after its shards, atomically (temporary file +
 rename), so a record exists only for a block whose data are on disk. Plain JSON
 files on a shared filesystem need no locks: each block writes its own file.
+When every block is written, :func:`finish` (:mod:`semdask.storage.levels`) rebuilds
+the pyramids and records the CRC-32 of every shard of levels >= 1 (``levels.json``)
+before the outputs are marked complete; :func:`verify` and ``--resume`` check every
+level, and readers check what they read (:mod:`semdask.storage.integrity`).
 
 The run key is the SHA-256 of everything the labels depend on: input identity
 (shape, dtype, level-0 metadata, shard sizes, a checksum of the coarsest pyramid
@@ -35,7 +39,6 @@ import logging
 import os
 import socket
 import time
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,32 +48,44 @@ import numpy as np
 
 from semdask import __version__
 from semdask.errors import StoreError
+from semdask.paths import validate_input_path
+from semdask.storage import arrays as sarr
 from semdask.storage import io as sio
+from semdask.storage.integrity import (
+    LEDGER,
+    LEVELS,
+    atomic_write,
+    block_slices,
+    checksum,
+    read_header,
+    read_records,
+    shard_files,
+)
+from semdask.storage.levels import audit_levels, finish
 from semdask.storage.ome import multiscales_of
 
 __all__ = [
     "LEDGER",
+    "WRITER",
     "Audit",
     "Ledger",
     "audit",
+    "audit_levels",
     "block_slices",
     "checksum",
     "clear_shards",
+    "finish",
     "input_identity",
     "run_key",
     "verify",
     "write_block",
+    "written_by_segment",
 ]
 
 log = logging.getLogger(__name__)
-LEDGER = ".semdask-ledger"
+WRITER = "semdask segment"  #: ``attrs["semdask"]["provenance"]["writer"]`` of segment's groups
 Slices = tuple[tuple[int, int], tuple[int, int]]
 Index = tuple[int, int]
-
-
-def checksum(block: np.ndarray) -> int:
-    """CRC-32 of the C-ordered bytes of ``block`` (dtype and shape are in the header)."""
-    return zlib.crc32(np.ascontiguousarray(block).tobytes()) & 0xFFFFFFFF
 
 
 def _sha(data: bytes) -> str:
@@ -111,13 +126,6 @@ def run_key(identity: dict[str, Any], *, model_sha: str, plan: dict[str, Any],
                         "version": version}))
 
 
-def block_slices(chunks: Sequence[Sequence[int]]) -> dict[Index, Slices]:
-    """``{(iy, ix): ((y0, y1), (x0, x1))}`` of a 2-D dask chunk grid."""
-    ys, xs = (np.concatenate([[0], np.cumsum(c)]).astype(int) for c in chunks)
-    return {(iy, ix): ((int(ys[iy]), int(ys[iy + 1])), (int(xs[ix]), int(xs[ix + 1])))
-            for iy in range(len(ys) - 1) for ix in range(len(xs) - 1)}
-
-
 class Ledger:
     """The ledger group of one label output: a header and one record per block.
 
@@ -136,47 +144,26 @@ class Ledger:
 
     def header(self) -> dict[str, Any] | None:
         """The run header, or None when there is no ledger."""
-        try:
-            meta = json.loads((self.dir / "zarr.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-        head = (meta.get("attributes") or {}).get("semdask-ledger")
-        return head if isinstance(head, dict) else None
+        return read_header(self.store, self.group)
 
     def begin(self, header: dict[str, Any], *, keep_records: bool) -> None:
         """Write the header (a Zarr group's attributes); drop old records unless kept."""
         self.dir.mkdir(parents=True, exist_ok=True)
         if not keep_records:
-            for f in self.dir.glob("b.*.json"):
-                f.unlink()
+            for f in [*self.dir.glob("b.*.json"), self.dir / LEVELS]:
+                f.unlink(missing_ok=True)
         meta = {"zarr_format": 3, "node_type": "group",
                 "attributes": {"semdask-ledger": {**header, "updated": time.time()}}}
-        _atomic_write(self.dir / "zarr.json", json.dumps(meta, indent=1, default=str))
+        atomic_write(self.dir / "zarr.json", json.dumps(meta, indent=1, default=str))
 
     def records(self) -> dict[Index, dict[str, Any]]:
         """Every readable block record, by block index."""
-        out: dict[Index, dict[str, Any]] = {}
-        for f in self.dir.glob("b.*.json"):
-            try:
-                rec = json.loads(f.read_text())
-                out[(int(rec["block"][0]), int(rec["block"][1]))] = rec
-            except (ValueError, KeyError, TypeError, IndexError):
-                log.warning("unreadable ledger record %s (block will be recomputed)", f)
-        return out
+        return read_records(self.store, self.group)
 
     def write(self, record: dict[str, Any]) -> None:
         """Write one block record atomically."""
         iy, ix = record["block"]
-        _atomic_write(self.dir / f"b.{iy}.{ix}.json", json.dumps(record, default=str))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        atomic_write(self.dir / f"b.{iy}.{ix}.json", json.dumps(record, default=str))
 
 
 def write_block(index: Index, slices: Slices, blocks: Sequence[np.ndarray],
@@ -204,14 +191,6 @@ def write_block(index: Index, slices: Slices, blocks: Sequence[np.ndarray],
     return rec
 
 
-def _shard_files(store: Path, group: str, arr: Any, slices: Slices) -> list[Path]:
-    (y0, y1), (x0, x1) = slices
-    sy, sx = (arr.shards or arr.chunks)[-2:]
-    lead = (0,) * (arr.ndim - 2)
-    return [store / group / "0" / arr.metadata.encode_chunk_key((*lead, iy, ix))
-            for iy in range(y0 // sy, -(-y1 // sy)) for ix in range(x0 // sx, -(-x1 // sx))]
-
-
 def clear_shards(store: str | os.PathLike[str], groups: Sequence[str], arrays: Sequence[Any],
                  slices: Sequence[Slices]) -> int:
     """Delete the stored shards of blocks about to be rewritten; return how many.
@@ -222,7 +201,7 @@ def clear_shards(store: str | os.PathLike[str], groups: Sequence[str], arrays: S
     n = 0
     for g, arr in zip(groups, arrays, strict=True):
         for sl in slices:
-            for f in _shard_files(Path(store), g, arr, sl):
+            for f in shard_files(Path(store), g, arr, sl):
                 if f.is_file():
                     f.unlink()
                     n += 1
@@ -264,7 +243,7 @@ def audit(store: str | os.PathLike[str], group: str, header: dict[str, Any],
                 out[idx] = f"unreadable {name} ({type(e).__name__})"
                 break
             if crc != (rec.get("checksums") or {}).get(name):
-                gone = [f for f in _shard_files(st, name, arr, sl) if not f.is_file()]
+                gone = [f for f in shard_files(st, name, arr, sl) if not f.is_file()]
                 out[idx] = f"missing shard {name}" if gone else f"checksum mismatch {name}"
                 break
     return out
@@ -282,29 +261,37 @@ class Audit:
     incomplete: list[str] = field(default_factory=list)
     source: str | None = None
     note: str = ""
+    levels: dict[str, str] = field(default_factory=dict)
+    foreign: bool = False  #: the group was not written by semdask segment (nothing to repair)
 
     @property
     def ok(self) -> bool:
-        """True when every block is present, recorded and intact, and groups are complete."""
-        return not self.problems and not self.incomplete and not self.note
+        """True when every block and pyramid shard is intact, and groups are complete."""
+        return not self.problems and not self.incomplete and not self.note and not self.levels
 
     def table(self) -> str:
         """A human-readable table of the holes (or a one-line OK)."""
         if self.ok:
             return (f"{self.output}/{self.group}: OK, {self.blocks} blocks present, recorded "
-                    "and matching their checksums; complete")
+                    "and matching their checksums; pyramid levels intact; complete")
         lines = [f"{self.output}/{self.group}: {len(self.problems)} of {self.blocks} blocks "
-                 "bad" + (f"; {self.note}" if self.note else "")]
+                 "bad" + (f", {len(self.levels)} pyramid shards bad" if self.levels else "")
+                 + (f"; {self.note}" if self.note else "")]
         if self.problems:
             lines.append(f"{'block':>9}  {'y0:y1':>13}  {'x0:x1':>13}  problem")
             for (iy, ix), why in sorted(self.problems.items()):
                 (y0, y1), (x0, x1) = self.slices.get((iy, ix), ((0, 0), (0, 0)))
                 lines.append(f"{f'{iy},{ix}':>9}  {f'{y0}:{y1}':>13}  {f'{x0}:{x1}':>13}  {why}")
+        lines += [f"{where}: {why}" for where, why in sorted(self.levels.items())]
         lines += [f"group {g}: marked incomplete" for g in self.incomplete]
         return "\n".join(lines)
 
     def fix(self) -> str:
-        """The command that repairs the output."""
+        """The command that repairs the output; never one that writes into foreign labels."""
+        if self.foreign:
+            return (f"none: {self.group} was not written by semdask segment, so there is no "
+                    "ledger to check it against and nothing to repair (it is left as it is); "
+                    "verify the labels segment wrote, e.g. --labels phases")
         src = self.source or str(self.output)
         out = "" if Path(src).resolve() == self.output.resolve() else f" --output {self.output}"
         name = self.group.split("/", 1)[-1]
@@ -313,7 +300,7 @@ class Audit:
 
 
 def verify(output: str | os.PathLike[str], labels: str = "phases") -> Audit:
-    """Audit a segmentation output: every block present, recorded, checksums matching.
+    """Audit a segmentation output: every block and pyramid shard present and intact.
 
     Parameters
     ----------
@@ -325,26 +312,54 @@ def verify(output: str | os.PathLike[str], labels: str = "phases") -> Audit:
     Returns
     -------
     Audit
-        ``ok`` is False on holes, corruption, stale records, a missing ledger or an
-        output group not marked complete.
+        ``ok`` is False on holes, corruption (level 0 or any pyramid level), stale
+        records, a missing ledger or an output group not marked complete.
     """
-    p = sio.validate_input_path(Path(output), kind="dir")
+    p = validate_input_path(Path(output), kind="dir")
     group = f"labels/{labels}"
-    sio.read_attrs(p, group)  # StoreError with a fix when missing
-    # an output written elsewhere is a copy of its mosaic that names it; else it is the mosaic
-    src = (sio.read_attrs(p).get("semdask") or {}).get("source")
+    sarr.read_attrs(p, group)  # StoreError with a fix when missing
     head = Ledger(p, group).header()
+    # the mosaic it was segmented from: the mosaic a segment copy names, else the store itself
+    # (a converted mosaic's "source" is its image file; a moved store's old paths are stale)
+    root = sarr.read_attrs(p).get("semdask") or {}
+    src = root.get("source") if isinstance(root.get("source"), str) and (
+        root.get("writer") == WRITER or str(root["source"]).rstrip("/").endswith(".zarr")) else None
     if head is None:
-        return Audit(p, group, 0, source=src, note="no ledger (not written by semdask segment)")
+        ours = written_by_segment(p, group)
+        return Audit(p, group, 0, source=src, foreign=not ours,
+                     note="no ledger (its records were lost)" if ours
+                     else "no ledger (not written by semdask segment)")
     problems = {k: v for k, v in audit(p, group, head, Ledger(p, group).records()).items()
                 if v != "ok"}
     incomplete = [g for g in head.get("outputs", [group]) if not _complete(p, g)]
     return Audit(p, group, len(block_slices(head["chunks"])), problems,
-                 block_slices(head["chunks"]), incomplete, source=src)
+                 block_slices(head["chunks"]), incomplete, source=src,
+                 levels=audit_levels(p, group, head))
 
 
 def _complete(store: Path, group: str) -> bool:
     try:
-        return (sio.read_attrs(store, group).get("semdask") or {}).get("complete") is True
+        return (sarr.read_attrs(store, group).get("semdask") or {}).get("complete") is True
     except StoreError:
         return False
+
+
+def written_by_segment(store: str | os.PathLike[str], group: str) -> bool:
+    """True when ``semdask segment`` wrote ``group`` of ``store`` (and may replace it).
+
+    Its provenance names :data:`WRITER`, or (outputs of earlier versions) it has a
+    ledger, or a provenance with segment's model hash and inference plan. Anything
+    else (imported truth, ``semdask label`` output, an image) is foreign.
+    """
+    p = Path(store)
+    if (p / group / LEDGER / "zarr.json").is_file():
+        return True
+    try:
+        prov = (sarr.read_attrs(p, group).get("semdask") or {}).get("provenance")
+    except StoreError:
+        return False
+    if not isinstance(prov, dict):
+        return False
+    model = prov.get("model")
+    return prov.get("writer") == WRITER or (isinstance(model, dict) and "sha256" in model
+                                            and "plan" in prov)

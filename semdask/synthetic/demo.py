@@ -71,11 +71,24 @@ def run_demo(
     """Synthesise, segment, score and preview one mosaic under ``workdir``.
 
     The mosaic store is rewritten on every run (it lives in the demo's own folder).
+    ``mode``, ``precision`` and ``chunk`` are resolved as ``segment`` resolves them
+    (:func:`semdask.inference.settings.resolve_settings`) and checked before anything is
+    synthesised.
     """
     from semdask.analysis.preview import preview
+    from semdask.errors import InputError
     from semdask.inference.segment import segment
+    from semdask.inference.settings import resolve_settings
     from semdask.synthetic.sem import SynthParams, synthetic_mosaic
 
+    settings = resolve_settings(mode=mode, precision=precision, chunk=chunk)
+    if len(shape) != 2 or min(int(v) for v in shape) < 64:
+        raise InputError("shape", expected="two sides of at least 64 px", got=repr(shape),
+                         fix="use --shape 4096 4096")
+    if not 0.0 <= nio_fraction <= 1.0:
+        raise InputError("nio_fraction", expected="a share in [0, 1]", got=repr(nio_fraction),
+                         fix="use --nio-fraction 0.15")
+    log.info("demo settings: %s", settings.describe())
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     path = work / "soc-mosaic.ome.zarr"
@@ -90,7 +103,8 @@ def run_demo(
     where = "a local Dask cluster" if client else "threads"
     echo(f"[2/4] segmenting with the bundled model on {where}")
     t0 = time.perf_counter()
-    r = segment(path, mode=mode, precision=precision, chunk=chunk, client=client, overwrite=True)
+    r = segment(path, mode=settings.mode.value, precision=settings.precision.value,
+                chunk=settings.chunk, client=client, overwrite=True)
     t["segment"] = time.perf_counter() - t0
     echo("[3/4] phase fractions (pooled counts) and scores against the known truth")
     t0 = time.perf_counter()

@@ -149,6 +149,14 @@ class SyntheticMosaic:
     params: SynthParams = field(default_factory=SynthParams)
     seed: int = 0
 
+    #: class names of ``truth`` and their display colours (written into the labels group)
+    classes: tuple[str, ...] = field(default=(), init=False)
+    colours: tuple[tuple[int, int, int, int], ...] = field(default=(), init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "classes", tuple(PHASES))
+        object.__setattr__(self, "colours", tuple(tuple(c) for c in COLOURS))
+
     @property
     def eds_shift_px(self) -> tuple[float, float]:
         """True (dy, dx) displacement of EDS features relative to the image, in EDS pixels."""

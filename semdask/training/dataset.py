@@ -97,8 +97,10 @@ class PatchDataset(torch.utils.data.Dataset[tuple[torch.Tensor, ...]]):
     ----------
     paths : sequence of path
         OME-Zarr mosaics with a ``labels/<labels>`` group.
-    labels : str
-        Label group name (``"truth"`` for synthetic mosaics, ``"phases"``).
+    labels : str or None
+        Label group name (``"truth"`` for synthetic mosaics, ``"phases"``); ``None``:
+        unlabelled mode, items are ``(image,)`` only (self-supervised pretraining,
+        :mod:`semdask.training.pretrain`).
     window : int
         Window edge in pixels.
     stats : sequence of NormStats, optional
@@ -120,7 +122,8 @@ class PatchDataset(torch.utils.data.Dataset[tuple[torch.Tensor, ...]]):
     10 % are accepted with a warning (``pixel_sizes`` records them all).
     """
 
-    def __init__(self, paths: Sequence[str | os.PathLike[str]], *, labels: str = "truth",
+    def __init__(self, paths: Sequence[str | os.PathLike[str]], *,
+                 labels: str | None = "truth",
                  window: int = 256, stats: Sequence[NormStats] | None = None,
                  augment: bool = False, low_percentile: float = 0.5,
                  high_percentile: float = 99.5, tile: int = 1024,
@@ -132,13 +135,16 @@ class PatchDataset(torch.utils.data.Dataset[tuple[torch.Tensor, ...]]):
             raise InputError("stores", expected="at least one OME-Zarr mosaic", got="none")
         self.labels, self.window, self.augment = labels, int(window), bool(augment)
         self.weights = weights
+        if labels is None and weights is not None:
+            raise InputError("weights", expected="no per-pixel weights without labels",
+                             got=repr(weights), fix="drop --weights, or name a label group")
         self.tile = max(int(tile), self.window)
         self.cache_bytes = int(cache_mb * 2**20)
         mosaics = [open_mosaic(p) for p in self.paths]
-        labs = [open_labels(p, labels) for p in self.paths]
+        labs = [open_labels(p, labels) for p in self.paths] if labels is not None else []
         self.shapes: list[tuple[int, int]] = [(int(m.image.shape[0]), int(m.image.shape[1]))
                                             for m in mosaics]
-        for p, m, lab in zip(self.paths, mosaics, labs, strict=True):
+        for p, m, lab in zip(self.paths, mosaics, labs, strict=False):
             if tuple(lab.data.shape) != tuple(m.image.shape):
                 raise InputError(f"{p} labels/{labels}", expected=f"shape {m.image.shape}",
                                  got=f"shape {lab.data.shape}")
@@ -147,8 +153,8 @@ class PatchDataset(torch.utils.data.Dataset[tuple[torch.Tensor, ...]]):
                                  got=str(lab.classes), fix="train on stores labelled alike")
             if weights is not None:
                 _check_weights(p, weights, tuple(m.image.shape))
-        self.classes = list(labs[0].classes)
-        self.colours = [tuple(int(v) for v in c) for c in labs[0].colours]
+        self.classes = list(labs[0].classes) if labs else []  # labels=None: images only
+        self.colours = [tuple(int(v) for v in c) for c in labs[0].colours] if labs else []
         self.pixel_sizes = [m.pixel_size_um for m in mosaics]
         self.pixel_size_um = mosaics[0].pixel_size_um
         known = [float(p) for p in self.pixel_sizes if p]
@@ -179,7 +185,8 @@ class PatchDataset(torch.utils.data.Dataset[tuple[torch.Tensor, ...]]):
         from semdask.storage.io import open_extra_image, open_labels, open_mosaic
 
         if self._pid != os.getpid():
-            self._arrays = [(open_mosaic(p).image, open_labels(p, self.labels).data,
+            self._arrays = [(open_mosaic(p).image, *([open_labels(p, self.labels).data]
+                                                     if self.labels is not None else []),
                              *([open_extra_image(p, self.weights)] if self.weights else []))
                             for p in self.paths]
             self._cache, self._cached, self._pid = OrderedDict(), 0, os.getpid()
@@ -228,6 +235,8 @@ class PatchDataset(torch.utils.data.Dataset[tuple[torch.Tensor, ...]]):
         """
         from semdask.storage.io import open_labels
 
+        if self.labels is None:
+            raise InputError("class_maps", expected="a dataset with labels", got="labels=None")
         s = 2 ** max(0, int(math.log2(max(1, scale or self.window // 8))))
         while max(h * w for h, w in self.shapes) > max_pixels * s * s:
             s *= 2
@@ -249,6 +258,8 @@ class PatchDataset(torch.utils.data.Dataset[tuple[torch.Tensor, ...]]):
     def __getitem__(self, index: Coord) -> tuple[torch.Tensor, ...]:
         store, y, x = (int(v) for v in index)
         img = apply(self.read(store, y, x, 0), self.stats[store])
+        if self.labels is None:  # unlabelled mode (self-supervised pretraining)
+            return (torch.from_numpy(np.ascontiguousarray(img)[None]),)
         lab = self.read(store, y, x, 1)
         wgt = self.read(store, y, x, 2) if self.weights else None
         if self.augment:

@@ -28,7 +28,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -36,7 +35,7 @@ import numpy as np
 from semdask.errors import InputError
 from semdask.inference.rescale import TOLERANCE, resample, target_shape
 
-__all__ = ["ScaledStores", "factors_for", "relative_scale", "rescale_store", "training_scale"]
+__all__ = ["ScaledStores", "factors_for", "rescale_store", "training_scale"]
 
 log = logging.getLogger(__name__)
 
@@ -117,33 +116,6 @@ def rescale_store(src: str | os.PathLike[str], dst: str | os.PathLike[str], fact
                                                      chunk=chunk),
                               pixel_size_um=px, chunk=chunk)
     return dst
-
-
-def relative_scale(mosaic_um: float | None, model: Any, *,
-                   rescale: bool | None = None) -> float | None:
-    """The ``--scale`` of a model trained on stores of unknown pixel size, for such mosaics.
-
-    When neither the mosaic's nor the model's pixel size is known, the only scale
-    information is that the model was trained at ``F`` x its stores' sampling: a mosaic
-    sampled like those stores is resampled by ``F``. ``None`` in every other case
-    (pixel sizes decide, :func:`semdask.inference.rescale.scale_factor`).
-
-    >>> from types import SimpleNamespace as NS
-    >>> cfg = NS(pixel_size_um=None, provenance={"training_scale": {"scale": 0.5}})
-    >>> relative_scale(None, cfg), relative_scale(0.1, cfg)
-    (0.5, None)
-    >>> relative_scale(None, cfg, rescale=False) is None
-    True
-    """
-    if rescale is False or mosaic_um is not None or model.pixel_size_um is not None:
-        return None
-    info = (getattr(model, "provenance", None) or {}).get("training_scale") or {}
-    f = info.get("scale")
-    if not f or float(f) == 1.0:
-        return None
-    log.info("mosaic and model pixel sizes are unknown: resampling by the model's "
-             "training scale %g", float(f))
-    return float(f)
 
 
 @contextmanager

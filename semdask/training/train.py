@@ -19,12 +19,14 @@ epoch to ``<out>.last.safetensors`` with the optimizer state in
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
+import itertools
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,7 +39,8 @@ from torch.utils.data import DataLoader
 from semdask.analysis.metrics import scores_from_confusion
 from semdask.errors import InputError, ModelError
 from semdask.nets.model import ModelConfig, Normalisation, build_model, load_model, save_model
-from semdask.nets.resunet import ResUNet
+from semdask.nets.runtime import resolve_device
+from semdask.progress import Progress
 from semdask.training.augment import Augmenter
 from semdask.training.checkpoint import (
     checkpoint_paths,
@@ -45,12 +48,24 @@ from semdask.training.checkpoint import (
     member_paths,
     save_optimizer,
 )
+from semdask.training.config import PLANNED, TrainConfig
 from semdask.training.dataset import IGNORE_INDEX, PatchDataset
+from semdask.training.engine import TrainStep, cpu_allocator, keep_update_kernel, make_optimizer
 from semdask.training.losses import build_loss, class_weights_from_counts
+from semdask.training.planning import (
+    calibrate,
+    fingerprint,
+    fit_schedule,
+    lr_at,
+    plan,
+    plan_table,
+)
 from semdask.training.samplers import WindowSampler, make_split
 from semdask.training.scale import training_scale
+from semdask.training.transfer import load_pretrained, set_encoder_frozen
 
-__all__ = ["TrainResult", "checkpoint_paths", "evaluate", "member_paths", "train"]
+__all__ = ["TrainConfig", "TrainResult", "checkpoint_paths", "evaluate", "member_paths",
+           "train"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +83,7 @@ class TrainResult:
     seconds: float = 0.0
     stopped_early: bool = False
     members: list[TrainResult] = field(default_factory=list)
+    plan: TrainConfig | None = None
 
 
 def _loader_workers(n: int | None, dev: torch.device) -> int:
@@ -116,144 +132,94 @@ def evaluate(model: torch.nn.Module, loader: Any, n_classes: int, device: torch.
     return cm.reshape(n_classes, n_classes).numpy()
 
 
-def train(stores: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
-          labels: str = "truth", window: int = 256, epochs: int = 20,
-          steps_per_epoch: int = 100, batch_size: int = 8, lr: float = 1e-3,
-          val_fraction: float = 0.2, num_workers: int | None = None, seed: int = 0,
-          device: str = "cpu", resume: str | os.PathLike[str] | None = None,
-          widths: Sequence[int] = (16, 32, 64, 128, 256), val_window: int | None = None,
-          infer_window: int = 256, low_percentile: float = 0.5,
-          high_percentile: float = 99.5, schedule: str = "cosine", arch: str = "unet",
-          arch_kwargs: dict[str, Any] | None = None, loss: str = "ce+dice",
-          dice_weight: float = 0.4, class_weights: str = "none", optimizer: str = "adam",
-          weight_decay: float | None = None, sampling: str = "balanced", balance: float = 0.5,
-          split: str = "bands", val_stores: Sequence[int] | None = None, fold: int = 0,
-          block: int | None = None, guard: int | None = None, weights: str | None = None,
-          augment: str = "default", amp: bool = True, patience: int | None = None,
-          tensorboard: str | os.PathLike[str] | None = None, freeze_encoder_epochs: int = 0,
-          encoder_weights: str | os.PathLike[str] | None = None,
-          ensemble: int = 1, pixel_size_um: float | None = None,
-          scale: float | None = None) -> TrainResult:
+def train(stores: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
+          config: TrainConfig | None = None, *,
+          on_plan: Callable[[str], None] | None = None, **overrides: Any) -> TrainResult:
     """Train a network on ``stores`` and write the best model to ``out`` (.safetensors).
+
+    The recipe is planned from a fingerprint of the training data
+    (:mod:`semdask.training.planning`): input scale, window, batch, class-balanced
+    share, augmentation strength, warm-up, and with a ``budget`` the number of epochs
+    and steps (timed first, so that training ends within the budget). Every planned
+    value given explicitly wins. The plan is logged, written to ``<stem>.train.yaml``
+    and recorded in the model's provenance.
 
     Parameters
     ----------
     stores : sequence of path
         OME-Zarr mosaics with ``labels/<labels>`` (255 = unlabelled, ignored).
     out : path
-        Output model (``.safetensors``; a ``.yaml`` sidecar is written too).
-    labels : str
-        Label group to learn (``"truth"`` for synthetic mosaics, ``"phases"``).
-    window : int
-        Training window edge (a multiple of 16); the model runs on any multiple of 16.
-    epochs, steps_per_epoch, batch_size, lr : int, int, int, float
-        Optimisation.
-    val_fraction : float
-        Share held out for validation (band height, 1/k of stores or blocks).
-    num_workers : int, optional
-        DataLoader worker processes (0: read in this process); persistent, each
-        with its own bounded tile cache. Default: 0 on the CPU (the training step is
-        the slower half there), on CUDA the cores less one, at most 8 (one process
-        reads about 230 patches/s; an H200 steps through about 1400).
-    seed : int
-        Seed of weights, windows and augmentations.
-    device : str
-        Torch device.
-    resume : path, optional
-        A ``<out>.last.safetensors`` checkpoint to continue from (its next epoch).
-    widths : sequence of int
-        U-Net widths (``arch="unet"``; ignored when resuming).
-    val_window : int, optional
-        Validation window edge (default ``max(window, 256)``, capped by the held-out part).
-    infer_window : int
-        Window recorded in the config for inference.
-    schedule : {"cosine", "plateau", "constant"}
-        Cosine decay from ``lr`` to ``lr / 50``; halve after 2 epochs without a better
-        validation mIoU; or constant ``lr`` (the paper's setting).
-    arch, arch_kwargs : str, dict
-        ``"unet"`` or ``"resunet"`` and constructor arguments (default: ``widths``
-        for the U-Net, the ResUNet defaults).
-    loss, dice_weight : str, float
-        ``"ce"``, ``"ce+dice"`` (``(1 - dice_weight) CE + dice_weight Dice``), ``"focal"``.
-    class_weights : {"none", "auto"}
-        ``"auto"``: inverse-sqrt frequencies pooled over the training labels
-        (low-resolution level).
-    optimizer, weight_decay : str, float
-        ``"adam"`` or ``"adamw"`` (weight decay default 0 / 0.01).
-    sampling, balance : str, float
-        ``"balanced"``: a share ``balance`` of windows centred on a pixel of a
-        uniformly drawn class (oversamples rare phases); ``"uniform"``.
-    split, val_stores, fold, block, guard : see :func:`semdask.training.samplers.make_split`
-        ``"bands"``, ``"stores"`` (indices ``val_stores`` or every k-th store) or
-        ``"blocks"``.
-    weights : str, optional
-        Sibling image group of per-pixel loss weights (``<name>-confidence`` of
-        ``semdask label``).
-    augment : {"none", "light", "default", "strong"}
-        Augmentation preset (:mod:`semdask.augment`).
-    amp : bool
-        bf16 autocast on CUDA (no effect on CPU).
-    patience : int, optional
-        Stop after this many epochs without a better validation mIoU.
-    tensorboard : path, optional
-        Write TensorBoard scalars there (when tensorboard is installed).
-    freeze_encoder_epochs, encoder_weights : int, path
-        ResUNet transfer learning: load the encoder from a safetensors file and keep
-        it frozen for the first epochs.
-    ensemble : int
-        Members to train (seed + i, fold + i), written to ``<stem>-m<i>.safetensors``.
-    pixel_size_um, scale : float, optional
-        Train at this pixel size, or at ``scale`` x each store's sampling: resampled
-        copies of the stores are written to a temporary folder first
-        (:mod:`semdask.trainscale`); the model records the new pixel size.
+        Output model (``.safetensors``; ``.yaml`` and ``.train.yaml`` sidecars too).
+    config : TrainConfig, optional
+        A validated configuration (:class:`semdask.training.config.TrainConfig`).
+    on_plan : callable, optional
+        Called with the printable plan (and with the fitted schedule of a budget).
+    **overrides
+        Any :class:`~semdask.training.config.TrainConfig` field (``window``,
+        ``budget="30m"``, ``loss``, ``split``, ...), applied on top of ``config``.
+
+    Returns
+    -------
+    TrainResult
+        Member 0 (with every member in ``members``); ``plan`` holds the resolved config.
     """
-    o = SimpleNamespace(**{k: v for k, v in locals().items() if k not in ("stores", "out")})
     t0 = time.perf_counter()
     out = Path(out)
     if out.suffix != ".safetensors":
         raise InputError(str(out), expected="a .safetensors output path",
                          fix=f"use --out {out.with_suffix('.safetensors')}")
-    if window % 16 or window < 16 or epochs < 1 or steps_per_epoch < 1 or batch_size < 1:
-        raise InputError("training parameters", expected="window a multiple of 16, epochs, "
-                         "steps and batch size >= 1", got=f"window={window}, epochs={epochs}, "
-                         f"steps={steps_per_epoch}, batch={batch_size}")
-    for name, value, allowed in (("schedule", schedule, ("cosine", "plateau", "constant")),
-                                 ("optimizer", optimizer, ("adam", "adamw")),
-                                 ("sampling", sampling, ("balanced", "uniform")),
-                                 ("class_weights", class_weights, ("none", "auto")),
-                                 ("arch", arch, ("unet", "resunet"))):
-        if value not in allowed:
-            raise InputError(name, expected=" | ".join(allowed), got=repr(value))
-    if ensemble < 1 or (ensemble > 1 and resume is not None):
-        raise InputError("ensemble", expected="one member or more, and no --resume with "
-                         "several", got=f"ensemble={ensemble}, resume={resume}",
-                         fix="resume one member: --out STEM-m<i>.safetensors --resume "
-                         "STEM-m<i>.last.safetensors --seed SEED+i --fold FOLD+i")
-    if (freeze_encoder_epochs or encoder_weights) and arch != "resunet" and resume is None:
-        raise InputError("encoder options", expected="--arch resunet", got=f"--arch {arch}")
-    with training_scale(stores, pixel_size_um=pixel_size_um, scale=scale, labels=labels,
-                        weights=weights) as scaled:
+    base = config.model_dump() if config is not None else {}
+    if "budget" in overrides:  # a new budget replaces the config's, of either kind
+        base.pop("budget_s", None), base.pop("budget_steps", None)
+    cfg = TrainConfig.from_kwargs(**{**base, **overrides})
+    cfg = cfg.model_copy(update={"device": str(resolve_device(cfg.device))})  # "auto": once
+    paths = [Path(s) for s in stores]
+    if not paths:
+        raise InputError("stores", expected="at least one OME-Zarr mosaic", got="none")
+    fp = None
+    if cfg.plan and any(getattr(cfg, k) is None for k in PLANNED):
+        held = set(cfg.val_stores or ()) if cfg.split == "stores" else set()
+        fp = fingerprint([s for i, s in enumerate(paths) if i not in held] or paths,
+                         labels=cfg.labels, seed=cfg.seed)
+    cfg, why = plan(fp, cfg)
+    (on_plan or log.info)(plan_table(cfg, why, fp))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg.to_yaml(out.with_name(out.stem + ".train.yaml"))
+    o = SimpleNamespace(**cfg.model_dump(), deadline=None, val_s=0.0, on_plan=on_plan,
+                        plan_record={"config": cfg.model_dump(mode="json"), "reasons": why,
+                                     "fingerprint": None if fp is None else fp.to_dict()})
+    with training_scale(paths, pixel_size_um=cfg.pixel_size_um,
+                        scale=None if cfg.scale == 1.0 else cfg.scale, labels=cfg.labels,
+                        weights=cfg.weights) as scaled:
         o.trained_on = [p.name for p in scaled.originals]
-        o.scaling = ({"factors": scaled.factors, "pixel_size_um": pixel_size_um,
-                      "scale": scale} if scaled.rescaled else None)
-        members = [_member(scaled.paths, path, o, seed=seed + i, fold=fold + i)
-                   for i, path in enumerate(member_paths(out, ensemble))]
+        o.scaling = ({"factors": scaled.factors, "pixel_size_um": cfg.pixel_size_um,
+                      "scale": cfg.scale} if scaled.rescaled else None)
+        members = []
+        for i, path in enumerate(member_paths(out, cfg.ensemble)):
+            if cfg.budget_s is not None:  # share what is left between the members left
+                left = cfg.budget_s - (time.perf_counter() - t0)
+                o.deadline = time.perf_counter() + max(left, 0.0) / (cfg.ensemble - i)
+            members.append(_member(scaled.paths, path, o, seed=cfg.seed + i,
+                                   fold=cfg.fold + i))
     first = members[0]
-    if ensemble > 1:
+    if cfg.ensemble > 1:
         log.info("ensemble val mIoU: %s", ", ".join(f"m{i} {m.best_miou:.4f}"
                                                     for i, m in enumerate(members)))
         first.members = members
     first.seconds = time.perf_counter() - t0
+    first.plan = cfg.model_copy(update={"epochs": o.epochs, "steps_per_epoch": o.steps_per_epoch})
+    first.plan.to_yaml(out.with_name(out.stem + ".train.yaml"))
     return first
-
-
-def _batches(loader: DataLoader[Any], dev: torch.device) -> Iterator[list[torch.Tensor]]:
-    for batch in loader:
-        yield [b.to(dev, non_blocking=True) for b in batch]
 
 
 def _member(stores: Sequence[str | os.PathLike[str]], out: Path, o: SimpleNamespace, *,
             seed: int, fold: int) -> TrainResult:
+    with cpu_allocator(o.device):  # activations reuse heap pages (engine docstring)
+        return _train_member(stores, out, o, seed=seed, fold=fold)
+
+
+def _train_member(stores: Sequence[str | os.PathLike[str]], out: Path, o: SimpleNamespace, *,
+                  seed: int, fold: int) -> TrainResult:
     t0 = time.perf_counter()
     dev = torch.device(o.device)
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
@@ -296,16 +262,15 @@ def _member(stores: Sequence[str | os.PathLike[str]], out: Path, o: SimpleNamesp
         kw = dict(o.arch_kwargs or ({"widths": list(o.widths)} if o.arch == "unet" else {}))
         model = build_model(ModelConfig(architecture=o.arch, classes=classes, n_classes=n_classes,
                                         kwargs={**kw, "n_classes": n_classes})).to(dev)
-        if o.encoder_weights is not None and isinstance(model, ResUNet):
-            model.load_encoder(o.encoder_weights)
+        if o.encoder_weights is not None:  # pretrained encoder (+ decoder); head stays random
+            load_pretrained(model, o.encoder_weights)
     model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     wd = o.weight_decay if o.weight_decay is not None else (0.01 if o.optimizer == "adamw" else 0)
-    opt_cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
-    opt = opt_cls(model.parameters(), lr=o.lr, weight_decay=wd)
+    opt = make_optimizer(o.optimizer, model.parameters(), lr=o.lr, weight_decay=wd)
     if o.resume is not None:
         rp = Path(o.resume)
-        meta = load_optimizer(opt, rp.with_name(rp.name.removesuffix(".safetensors")
-                                                 + ".optim.safetensors"))
+        meta = keep_update_kernel(opt, lambda: load_optimizer(
+            opt, rp.with_name(rp.name.removesuffix(".safetensors") + ".optim.safetensors")))
         start = int(meta["epoch"]) + 1
         best_epoch, best_miou = int(meta["best_epoch"]), float(meta["best_miou"])
         history, lr_scale = list(meta.get("history", [])), float(meta.get("lr_scale", 1.0))
@@ -323,10 +288,11 @@ def _member(stores: Sequence[str | os.PathLike[str]], out: Path, o: SimpleNamesp
                     "balance": o.balance, "augment": o.augment, "weights": o.weights,
                     "split": {"kind": plan.kind, "fold": fold, "guard": plan.guard,
                               "val_fraction": o.val_fraction, "val_window": vwin},
-                    "torch": torch.__version__})
+                    "warmup": o.warmup, "plan": o.plan_record, "torch": torch.__version__})
     loss_fn = build_loss(o.loss, n_classes=n_classes, class_weights=cw,
                          ignore_index=IGNORE_INDEX, dice_weight=o.dice_weight).to(dev)
     aug = Augmenter(o.augment, seed=seed)
+    train_step = TrainStep(model, opt, loss_fn, aug, dev, amp=o.amp)
     workers = _loader_workers(o.num_workers, dev)
     kw_loader: dict[str, Any] = {"num_workers": workers, "pin_memory": dev.type == "cuda"}
     if workers > 0:
@@ -339,39 +305,46 @@ def _member(stores: Sequence[str | os.PathLike[str]], out: Path, o: SimpleNamesp
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         with open(csv_path, "w", newline="") as f:
             csv.writer(f).writerow(fields)
+    if o.deadline is not None and start == 1:
+        _fit_budget(o, model, loss_fn, aug, loader, vloader, n_classes, dev)
+        train_sampler.length = o.steps_per_epoch * o.batch_size
+        config = config.model_copy(update={"provenance": {
+            **config.provenance, "epochs": o.epochs, "steps_per_epoch": o.steps_per_epoch}})
     writer = _tensorboard(o.tensorboard, out, len(member_paths(out, o.ensemble)) > 1)
-    stopped, total = False, o.epochs * o.steps_per_epoch
-    for epoch in range(start, o.epochs + 1):
+    stopped, total, epoch_s = False, o.epochs * o.steps_per_epoch, 0.0
+    for epoch in itertools.count(start):
+        if epoch > o.epochs:  # o.epochs may be refitted to a budget after the first epoch
+            break
         if o.patience is not None and best_epoch and epoch - 1 - best_epoch >= o.patience:
             stopped = True
             log.info("early stop: no better validation mIoU for %d epochs", o.patience)
+            break
+        if o.deadline is not None and epoch > start and (
+                time.perf_counter() + epoch_s > o.deadline + 0.05 * epoch_s):
+            log.info("budget: stopping before epoch %d (%.0f s left, an epoch takes %.0f s)",
+                     epoch, o.deadline - time.perf_counter(), epoch_s)
             break
         te = time.perf_counter()
         torch.manual_seed(seed * 100003 + epoch)
         aug.reseed(seed * 100003 + epoch)
         train_sampler.set_epoch(epoch)
-        if isinstance(model, ResUNet) and o.freeze_encoder_epochs:
-            _ = (model.freeze_encoder() if epoch <= o.freeze_encoder_epochs
-                 else model.unfreeze_encoder())
+        if o.freeze_encoder_epochs:
+            set_encoder_frozen(model, epoch <= o.freeze_encoder_epochs)
         model.train()
         losses, lr_now = [], o.lr
-        for step, batch in enumerate(_batches(loader, dev)):
+        bar = Progress(o.steps_per_epoch, f"{out.name} epoch {epoch}", unit="step", step=100)
+        for step, batch in enumerate(loader):
+            if step and o.deadline is not None and time.perf_counter() + o.val_s > o.deadline:
+                break  # over budget (a slower machine than timed): validate and stop
             t = ((epoch - 1) * o.steps_per_epoch + step) / total
-            lr_now = o.lr * lr_scale if o.schedule != "cosine" else o.lr * (
-                0.02 + 0.49 * (1 + math.cos(math.pi * t)))
-            for g in opt.param_groups:
-                g["lr"] = lr_now
-            img, lab, *wgt = aug(*batch)
-            with _autocast(dev, o.amp):
-                logits = model(img.contiguous(memory_format=torch.channels_last))
-            value = loss_fn(logits, lab, wgt[0] if wgt else None)
-            opt.zero_grad(set_to_none=True)
-            value.backward()
-            opt.step()
-            losses.append(float(value.detach()))
+            lr_now = lr_at(o.schedule, o.lr, t, warmup=o.warmup, lr_scale=lr_scale)
+            losses.append(train_step(batch, lr_now))  # detached: no device sync per step
+            bar.update()
+        bar.close()
         scores = scores_from_confusion(evaluate(model, vloader, n_classes, dev, amp=o.amp),
                                        classes)
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": lr_now,
+        row = {"epoch": epoch, "train_loss": float(torch.stack(losses).double().mean()),
+               "lr": lr_now,
                "val_accuracy": scores["accuracy"], "val_miou": scores["miou"],
                **{f"iou_{c}": scores["iou"].get(c, math.nan) for c in classes},
                "seconds": round(time.perf_counter() - te, 2)}
@@ -398,6 +371,9 @@ def _member(stores: Sequence[str | os.PathLike[str]], out: Path, o: SimpleNamesp
         save_optimizer(opt, optim_path, {"epoch": epoch, "best_epoch": best_epoch,
                                           "best_miou": best_miou, "history": history,
                                           "lr_scale": lr_scale})
+        epoch_s = time.perf_counter() - te
+        if o.deadline is not None and epoch == start:
+            total = _refit(o, epoch, epoch_s)
     if writer is not None:
         writer.close()
     if not out.exists():  # resumed after the last epoch: keep the checkpoint as the model
@@ -416,3 +392,37 @@ def _tensorboard(logdir: str | os.PathLike[str] | None, out: Path, several: bool
                     "tensorboard)")
         return None
     return SummaryWriter(log_dir=str(Path(logdir) / out.stem) if several else str(logdir))
+
+
+def _refit(o: SimpleNamespace, epoch: int, epoch_s: float) -> int:
+    """Epochs that fit the deadline at the measured epoch time; the new total of steps."""
+    fit = epoch + max(0, int((o.deadline - time.perf_counter()) // max(epoch_s, 1e-6)))
+    given = o.plan_record["reasons"].get("epochs") == "given"
+    o.epochs = min(fit, o.epochs) if given else fit
+    o.plan_record["config"]["epochs"] = o.epochs
+    return int(o.epochs * o.steps_per_epoch)
+
+
+def _fit_budget(o: SimpleNamespace, model: torch.nn.Module, loss_fn: torch.nn.Module,
+                aug: Augmenter, loader: DataLoader[Any], vloader: DataLoader[Any],
+                n_classes: int, dev: torch.device) -> None:
+    """Time a few steps and one validation batch, then size epochs x steps to the deadline."""
+    net = copy.deepcopy(model)  # the timed steps leave the model as it is
+    step = TrainStep(net, make_optimizer(o.optimizer, net.parameters(), lr=o.lr * 0.01,
+                                         weight_decay=0.0), loss_fn, aug, dev, amp=o.amp)
+    step_s = calibrate(step, loader, steps=2)
+    tv = time.perf_counter()
+    evaluate(model, [next(iter(vloader))], n_classes, dev, amp=o.amp)
+    val_s = (time.perf_counter() - tv) * len(vloader)
+    left = o.deadline - time.perf_counter() - step_s - 1.0  # margin: saves, stragglers
+    given = o.plan_record["reasons"]
+    spe = o.steps_per_epoch if given.get("steps_per_epoch") == "given" else None
+    epochs, spe = fit_schedule(left, step_s=step_s, val_s=val_s, steps_per_epoch=spe)
+    if given.get("epochs") == "given":
+        epochs = min(epochs, o.epochs)
+    o.epochs, o.steps_per_epoch, o.val_s = epochs, spe, val_s
+    o.plan_record["config"].update(epochs=epochs, steps_per_epoch=spe)
+    msg = (f"budget: {step_s:.2f} s per step, validation {val_s:.1f} s: {epochs} epochs x "
+           f"{spe} steps in {left:.0f} s")
+    (o.on_plan or log.info)(msg)
+
