@@ -83,3 +83,12 @@ def test_monai_comparison_prints_both_sides_and_the_ratio() -> None:
     assert ratio and float(ratio.group(1)) > 0, out
     agree = re.search(r"labels agree ([\d.]+) %", out)
     assert agree and 90.0 <= float(agree.group(1)) <= 100.0, out  # same model, two engines
+
+
+def test_subtile_benchmark_is_exact_and_prints_throughput() -> None:
+    out = _run("subtiles.py", "--core", "64", "--tiles", "0", "32", "--repeats", "1")
+    agree = [float(v) for v in re.findall(r"labels ([\d.]+) % equal to the untiled", out)]
+    assert len(agree) == 2 and min(agree) >= 99.99, out
+    diffs = [float(v) for v in re.findall(r"max \|logit diff\| ([\d.e+-]+)", out)]
+    assert diffs and max(diffs) < 1e-4, out
+    assert re.search(r"^ +32: +[\d.]+ CPU-s .* [\d.]+ core MPix per CPU-s$", out, re.M), out

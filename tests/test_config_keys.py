@@ -243,6 +243,29 @@ def _cluster_profile() -> None:
         assert profiles.resolve_profile() == "slurm"
 
 
+def _cluster_in_process_max_mpix() -> None:
+    from semdask.cluster.inprocess import in_process
+
+    px = 4096 * 4096  # 16.8 MPix
+    assert in_process(px)
+    with _set("cluster.in-process-max-mpix", 16):
+        assert not in_process(px)
+    with _set("cluster.in-process-max-mpix", 0):
+        assert not in_process(1)
+
+
+def _segment_tile() -> None:
+    from semdask.inference.graph import _subtile
+
+    assert _subtile() == -1  # packaged "auto": the kernel chooses (512 px on the CPU)
+    with _set("segment.tile", 0):
+        assert _subtile() == 0
+    with _set("segment.tile", 256):
+        assert _subtile() == 256
+    with _set("segment.tile", 100), pytest.raises(InputError, match="multiple of"):
+        _subtile()
+
+
 _SENTINEL: dict[str, Any] = {"gpu-resources": None, "adapt": {"minimum-jobs": 0,
                                                               "maximum-jobs": 3}}
 
@@ -281,6 +304,8 @@ STORE = {"store.shard": _store_shard, "store.inner-chunk": _store_inner_chunk,
 OTHER: dict[str, Callable[[], None]] = {
     "dashboard.host": _dashboard_host, "dashboard.port": _dashboard_port,
     "cluster.profile": _cluster_profile,
+    "cluster.in-process-max-mpix": _cluster_in_process_max_mpix,
+    "segment.tile": _segment_tile,
     **{k: _cluster_profile_key(k) for k in _leaves(PACKAGED) if
        k.startswith("cluster.profiles.")}}
 

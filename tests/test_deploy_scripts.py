@@ -295,7 +295,8 @@ def test_tls_readme_certificates_and_config_give_mutual_tls(tmp_path: Path) -> N
     _make_certs(tmp_path / "rogue")  # a second CA: its certificates must be refused
     conf = yaml.safe_load((DEPLOY / "tls" / "dask-tls.yaml").read_text()
                           .replace("/etc/dask/tls", str(tmp_path / "tls")))
-    with dask.config.set(_flat(conf)), LocalCluster(
+    with dask.config.set({**_flat(conf), "scheduler": dask.config.get("scheduler", None)}), \
+            LocalCluster(
             n_workers=1, threads_per_worker=1, processes=False, protocol="tls://",
             host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster:
         address = cluster.scheduler_address
@@ -303,11 +304,13 @@ def test_tls_readme_certificates_and_config_give_mutual_tls(tmp_path: Path) -> N
         with Client(address, timeout="10s") as client:
             assert client.submit(sum, [1, 2]).result() == 3
         with pytest.raises(RuntimeError, match="encryption required"):
-            Client(address.replace("tls://", "tcp://"), timeout="3s")
+            # set_as_default=False: a Client that fails to connect would otherwise leave
+            # dask's default scheduler set to "dask.distributed" for every later test
+            Client(address.replace("tls://", "tcp://"), timeout="3s", set_as_default=False)
         rogue = tmp_path / "rogue"
         stranger = Security(tls_ca_file=str(rogue / "ca.pem"),
                             tls_client_cert=str(rogue / "client.pem"),
                             tls_client_key=str(rogue / "client-key.pem"),
                             require_encryption=True)
         with pytest.raises((OSError, TimeoutError)):
-            Client(address, security=stranger, timeout="3s")
+            Client(address, security=stranger, timeout="3s", set_as_default=False)

@@ -133,9 +133,10 @@ def test_cpu_allocator_reuses_pages_and_is_restored() -> None:
         if not tuned:
             pytest.skip("not glibc")
         with cpu_allocator("cpu"):  # re-entrant
-            _faults(n)
-        reused = _faults(n)
-    fresh = _faults(n)
+            for _ in range(20):  # steady state (the first few may still grow the heap)
+                _faults(n)
+        reused = min(_faults(n) for _ in range(3))
+    fresh = max(_faults(n) for _ in range(3))  # mmap is back: blocks come fresh again
     assert reused < 2000 < fresh
     with cpu_allocator("cuda") as tuned:
         assert tuned is False

@@ -7,7 +7,7 @@ mosaic borders they touch; :func:`face_pairs` and :func:`merge_components` (unio
 join components across chunk faces and :func:`relabel` applies the merge.
 :func:`connectivity_stats` (percolation) and :func:`size_stats` (equivalent diameters)
 summarise a merged :class:`ComponentTable`. :mod:`semdask.analysis` maps these over chunks;
-:mod:`semdask.morphology` re-exports every name.
+:mod:`semdask.analysis.morphology` re-exports every name.
 
 Examples
 --------

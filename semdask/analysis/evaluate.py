@@ -2,8 +2,8 @@
 
 Accuracy, per-class IoU, Dice (F1), precision and recall, boundary F1 within a pixel
 tolerance, the normalised confusion matrix and class frequencies, all computed from integer
-counts summed over Dask chunks (:mod:`semdask.metrics`), so the numbers do not depend on the
-chunking. Truth pixels equal to 255 (ignore) are skipped everywhere. Several image pairs
+counts summed over Dask chunks (:mod:`semdask.analysis.metrics`), so the numbers do not depend
+on the chunking. Truth pixels equal to 255 (ignore) are skipped everywhere. Several image pairs
 (two folders matched by file stem) give pooled metrics plus one row per image.
 
 Examples

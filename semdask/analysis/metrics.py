@@ -2,7 +2,7 @@
 
 Every figure here is computed from integer counts summed over blocks, so it
 does not depend on the chunking (a fraction of means would). Boundary F1 counts are in
-:mod:`semdask.boundary`.
+:mod:`semdask.analysis.boundary`.
 
 Examples
 --------

@@ -23,7 +23,7 @@ Estimators
 - **Components**: connected components of each class separately (4-connectivity by default,
   ``connectivity=2`` for 8), the scipy.ndimage convention; the component kernels
   (labelling, union-find merge, connectivity and size statistics) live in
-  :mod:`semdask.components` and are re-exported here.
+  :mod:`semdask.analysis.components` and are re-exported here.
 
 Examples
 --------

@@ -1,4 +1,4 @@
-"""PNG plots of an :class:`~semdask.evaluate.Evaluation` (matplotlib, Agg backend).
+"""PNG plots of an :class:`~semdask.analysis.evaluate.Evaluation` (matplotlib, Agg backend).
 
 Four figures: the normalised confusion matrix (rows = truth) with numbers, per-class IoU and
 Dice bars, the error overlay (grey image, wrongly classified pixels in red) and class

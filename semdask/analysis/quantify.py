@@ -4,9 +4,9 @@ sizes, interfaces and triple-phase boundaries, in physical units; oxidation time
 Every figure comes from integer counts pooled over chunks (tile class counts, 4-neighbour
 pair counts and 2 x 2 corner counts with a 1-px halo) or from connected components labelled
 per chunk and merged across chunk faces by union-find, so results do not depend on the
-chunking. The estimators are documented in :mod:`semdask.morphology`; the writers of
+chunking. The estimators are documented in :mod:`semdask.analysis.morphology`; the writers of
 tables and plots (:func:`write_analysis`, :func:`write_series`) live in
-:mod:`semdask.analysis_report` and are re-exported here.
+:mod:`semdask.analysis.report` and are re-exported here.
 
 Examples
 --------

@@ -5,12 +5,12 @@ in memory — Gaussian blur (sigma px), brightness factor (clipped to the dtype'
 range), Gaussian-Poisson noise (eq. 2: ``Poisson(I C) / C + N(0, sigma)`` with ``I``
 in [0, 1] and ``C = 255``) and magnification (the image resampled by the ratio,
 antialiased when downsampling, the truth by nearest neighbour) — segmented with the
-in-memory graph engine of :mod:`semdask.infer` (one chunk per tile, synchronous) and
-scored against the truth with pooled confusion matrices (:mod:`semdask.metrics`),
+in-memory graph engine of :mod:`semdask.inference.graph` (one chunk per tile, synchronous) and
+scored against the truth with pooled confusion matrices (:mod:`semdask.analysis.metrics`),
 with the spread (std) over tiles. Normalisation statistics are recomputed from the
 perturbed tiles, as ``semdask segment`` does per mosaic (``renormalise=False`` keeps
 the unperturbed ones). Magnification runs twice: as is, and with pixel-size awareness
-(:mod:`semdask.rescale`, the model told the true pixel size), which shows the gain.
+(:mod:`semdask.inference.rescale`, the model told the true pixel size), which shows the gain.
 
 Examples
 --------

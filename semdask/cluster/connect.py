@@ -16,7 +16,7 @@ Clusters come from named *profiles* whose defaults live in the packaged
 GPU profiles start their workers with ``resources={"GPU": 1}``;
 :func:`profile_has_gpu_workers` tells callers to annotate only the inference
 layers with that resource, so CPU work (I/O, pyramids, statistics) can run anywhere.
-Profile resolution and settings (pure, no cluster is built) live in :mod:`semdask.profiles`;
+Profile resolution and settings (pure, no cluster is built) live in :mod:`semdask.cluster.profiles`;
 its public names are re-exported here.
 """
 

@@ -173,7 +173,7 @@ def watch_blocks(client: Any, *, output: Any, group: str,
     todo, tasks : sequences of equal length
         The blocks to compute this run and their write tasks (``dask.delayed``; the
         key of each is followed on the scheduler). Blocks not in ``todo`` are done.
-    mosaic : semdask.io.Mosaic, optional
+    mosaic : semdask.storage.io.Mosaic, optional
         Its coarse pyramid levels give the thumbnail (None: no picture).
 
     Yields

@@ -143,7 +143,7 @@ def _member_index(p: Path) -> int:
 def load_members(paths: Sequence[Path]) -> tuple[Any, list[str]]:
     """Config for the run and SHA-256 of every member; members must agree.
 
-    Returns the first member's :class:`~semdask.model.ModelConfig` with the largest
+    Returns the first member's :class:`~semdask.nets.model.ModelConfig` with the largest
     receptive field of all members (the whole-chunk halo must cover every one).
 
     Raises

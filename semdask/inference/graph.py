@@ -2,7 +2,7 @@
 
 The mosaic is padded once, globally (reflect, up to a multiple of the grid
 step), cut into chunks whose edges sit on that grid, and each chunk plus halo
-goes through one kernel of :mod:`semdask.predict`. The halo is derived from the
+goes through one kernel of :mod:`semdask.inference.predict`. The halo is derived from the
 parameters: ``tiling.window_halo(window, stride)`` for blended windows, the
 receptive-field radius rounded up to 16 px for the whole-chunk mode. Every
 chunk therefore sees exactly the context a single global pass would, so the
@@ -178,7 +178,7 @@ def _chunk_task(
     tune_allocator()
     x = normalise(block, stats)
     h = plan.halo
-    if isinstance(model, tuple) or tta or spread:  # ensemble / TTA (semdask.ensemble)
+    if isinstance(model, tuple) or tta or spread:  # ensemble / TTA (semdask.inference.ensemble)
         from semdask.inference.ensemble import predict_members
 
         window = plan.mode == "window"
@@ -269,7 +269,7 @@ def blended_probs(
         (whole-chunk mode: of every block).
     spread : bool
         Append one channel: the uncertainty (std across members x views of the
-        predicted class's probability, :mod:`semdask.ensemble`); ``(C + 1, y, x)``.
+        predicted class's probability, :mod:`semdask.inference.ensemble`); ``(C + 1, y, x)``.
     n_classes : int
         Output classes of the model.
     stats : NormStats

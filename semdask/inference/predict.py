@@ -73,9 +73,24 @@ def _forward(model: torch.nn.Module, x: np.ndarray, device: torch.device, precis
     with torch.inference_mode(), autocast(device, precision):
         logits = model(t) if run is None else run(t)
     probs = logits.float() if activation == "none" else torch.softmax(logits.float(), dim=1)
-    if labels:  # first maximum, as numpy's argmax
+    if labels and device.type != "cpu":  # first maximum, as numpy's argmax, on the device
         return probs.argmax(dim=1).to(torch.uint8).cpu().numpy()
+    if labels:  # torch's argmax over channels ran ~8x slower than class planes on CPU
+        return _first_argmax(probs.contiguous().numpy())
     return probs.cpu().numpy()
+
+
+def _first_argmax(p: np.ndarray) -> np.ndarray:
+    """``p.argmax(axis=1).astype(uint8)`` of ``(b, C, h, w)``, one pass per class plane.
+
+    Ties go to the first class, as with ``argmax``.
+    """
+    out = np.zeros((p.shape[0], *p.shape[2:]), np.uint8)
+    best = p[:, 0].copy()
+    for c in range(1, p.shape[1]):
+        np.copyto(out, np.uint8(c), where=p[:, c] > best)
+        np.maximum(best, p[:, c], out=best)
+    return out
 
 
 @contextmanager
@@ -151,7 +166,7 @@ def blend_windows(
 
     ``forward`` maps a batch of windows ``(b, window, window)`` to probabilities
     ``(b, ..., C, window, window)``; the result is ``(..., C, y1 - y0, x1 - x0)``
-    (e.g. one map per test-time augmentation view, :mod:`semdask.ensemble`). Every
+    (e.g. one map per test-time augmentation view, :mod:`semdask.inference.ensemble`). Every
     element sees the same additions in the same order as with ``predict_windows``.
     """
     y0, y1, x0, x1 = core

@@ -2,7 +2,7 @@
 
 Outputs are created first (marked incomplete). Each block is then one task that
 writes its shard of every output (labels, probs and confidence share the
-inference) and records itself in the per-block ledger (:mod:`semdask.ledger`);
+inference) and records itself in the per-block ledger (:mod:`semdask.storage.ledger`);
 when every block is recorded the groups get their pyramids and are marked
 complete. A run that fails or is interrupted leaves ``complete: false`` behind,
 which every reader refuses; ``resume=True`` recomputes only the blocks that are
@@ -165,7 +165,7 @@ def segment(
         Pixel-size awareness. ``None`` (auto): when the mosaic's pixel size differs from
         the model's training pixel size by more than 5 %, resample the mosaic to the
         model's scale, infer there and resample the probabilities back (linear) before
-        the argmax, so outputs keep the mosaic's grid (:mod:`semdask.rescale`); a
+        the argmax, so outputs keep the mosaic's grid (:mod:`semdask.inference.rescale`); a
         warning when either pixel size is unknown. ``False``: never; ``True``: whenever
         they differ (an unknown pixel size is an error). The factor is recorded in the
         provenance and in ``SegmentResult.rescale``. A model trained with ``--scale F``
@@ -173,7 +173,7 @@ def segment(
     ensemble : path, optional
         Add the members ``ENSEMBLE-m0.safetensors``, ``-m1``, ... to ``model`` (a list of
         files and globs): every member runs on the same windows, probabilities are
-        averaged, labels are the argmax of the mean (:mod:`semdask.ensemble`).
+        averaged, labels are the argmax of the mean (:mod:`semdask.inference.ensemble`).
     tta : bool
         Test-time augmentation: average over the 8 flips/rotations (D4) too.
     uncertainty : bool
@@ -191,7 +191,7 @@ def segment(
         (``ForeignOutputError``: the output is not segment's to write).
     semdask.errors.OutputLockedError
         When another run writes the same output store (its writer lock, exit status 73).
-    semdask.batch.InterruptedRun
+    semdask.inference.runner.InterruptedRun
         After SIGTERM inside :func:`drain_on_sigterm` (finished blocks are recorded).
 
     Returns

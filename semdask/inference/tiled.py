@@ -150,7 +150,11 @@ def unet_core_forward(model: Any, x: torch.Tensor, halo: int,
         blk = model.dec[lv]
         h = _conv_relu(blk.conv2, _conv_cat_relu(blk.conv1, skip, up, fused), fused)
         h = h[..., 2: 2 + cy + 2 * m, 2: 2 + cx + 2 * m]
-    return model.head(h)
+    head = model.head
+    if fused is not None and h.device.type == "cpu" and h.dtype == torch.float32:
+        # oneDNN's 1x1 convolution (torch's own falls back to a slow generic kernel here)
+        return fused(h, head.weight, head.bias, [0, 0], [1, 1], [1, 1], 1, "none", [], "")
+    return head(h)
 
 
 def tiled_forward(model: Any, x: torch.Tensor, *, core: tuple[int, int, int, int], halo: int,
@@ -185,10 +189,9 @@ def tiled_forward(model: Any, x: torch.Tensor, *, core: tuple[int, int, int, int
     crop = is_croppable_unet(model)
     step = tile if tile and tile > 0 else max(y1 - y0, x1 - x0)
     step = max(multiple, step - step % multiple)
-    rows = []
+    result: torch.Tensor | None = None
     for ty in range(y0, y1, step):
         ey = min(ty + step, y1)
-        cols = []
         for tx in range(x0, x1, step):
             ex = min(tx + step, x1)
             # sides of the sub-tile on the grid (a ragged core is extended inside the block)
@@ -202,6 +205,8 @@ def tiled_forward(model: Any, x: torch.Tensor, *, core: tuple[int, int, int, int
                 out = unet_core_forward(model, sub, halo, (ey + py - ty, ex + px - tx))
             else:
                 out = model(sub)[..., halo: halo + ey + py - ty, halo: halo + ex + px - tx]
-            cols.append(out[..., : ey - ty, : ex - tx])
-        rows.append(torch.cat(cols, dim=-1) if len(cols) > 1 else cols[0])
-    return torch.cat(rows, dim=-2) if len(rows) > 1 else rows[0]
+            if result is None:  # one output, filled in place (no concatenations)
+                result = out.new_empty((*out.shape[:-2], y1 - y0, x1 - x0))
+            result[..., ty - y0: ey - y0, tx - x0: ex - x0] = out[..., : ey - ty, : ex - tx]
+    assert result is not None
+    return result

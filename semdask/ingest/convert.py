@@ -2,7 +2,7 @@
 
 Three kinds of input:
 
-- one image (TIFF/BigTIFF, PNG, JPEG, BMP; see :mod:`semdask.readers`) -> one mosaic;
+- one image (TIFF/BigTIFF, PNG, JPEG, BMP; see :mod:`semdask.ingest.readers`) -> one mosaic;
 - several images or a folder of images -> one mosaic per image with
   :func:`convert_each` (``OUT/<stem>.ome.zarr``; the CLI does this when given a folder
   without ``--tile-offsets``);
@@ -201,7 +201,7 @@ def convert(
 
     Returns
     -------
-    semdask.io.Mosaic
+    semdask.storage.io.Mosaic
         The written mosaic; ``attrs`` carry ``source`` (files, vendor, cropped rows).
 
     Raises

@@ -1,4 +1,4 @@
-"""Label images for :mod:`semdask.convert`: read, match by stem, check, count.
+"""Label images for :mod:`semdask.ingest.convert`: read, match by stem, check, count.
 
 A label image holds class indices (uint8; a palette PNG's indices are used, not its
 colours) with 255 kept as "ignore" (unlabelled). Every check runs before anything

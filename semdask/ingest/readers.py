@@ -1,4 +1,4 @@
-"""File readers for :mod:`semdask.convert`: SEM images as lazy 2-D (y, x) arrays.
+"""File readers for :mod:`semdask.ingest.convert`: SEM images as lazy 2-D (y, x) arrays.
 
 An :class:`ImageFile` describes one single-plane image on disk (TIFF/BigTIFF, PNG,
 JPEG, BMP) and reads any rectangle of it. Tiled and striped TIFFs are read lazily:

@@ -3,7 +3,7 @@
 Each tile's weight is the product of its distances (+0.5 px) to its own edges along y
 and x, so across an overlap between two tiles the weights ramp linearly and the seam
 becomes a linear ramp. :class:`TileGrid` is array-like: ``dask.array.from_array`` reads
-each output chunk from just the tile regions overlapping it (:mod:`semdask.convert`).
+each output chunk from just the tile regions overlapping it (:mod:`semdask.ingest.convert`).
 """
 
 from __future__ import annotations

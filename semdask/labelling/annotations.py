@@ -191,7 +191,7 @@ def read_annotations(source: Any, shape: tuple[int, int], chunks: Any, *,
                      radius: float = 2.0) -> da.Array:
     """Annotations as uint8 (y, x), 0 = unlabelled, ``k + 1`` = class ``k``, lazily.
 
-    ``source``: shapes (:class:`~semdask.annotations.Annotation`), a label array, a CSV or
+    ``source``: shapes (:class:`~semdask.labelling.annotations.Annotation`), a label array, a CSV or
     GeoJSON file, a TIFF/PNG label image, or ``labels/<name>`` in the mosaic store.
     Label images follow ``unlabelled`` (0: values are class id + 1; 255: class ids).
     """

@@ -8,8 +8,8 @@
 * :func:`predict_block` -- class probabilities of a feature block from any classifier.
 * :func:`chunk_grid` -- chunk sizes with no sliver smaller than a halo.
 
-EDS registration kernels live in :mod:`semdask.registration`, annotation parsing and
-rasterising in :mod:`semdask.annotations` (their old names here still resolve, lazily).
+EDS registration kernels live in :mod:`semdask.labelling.registration`, annotation parsing and
+rasterising in :mod:`semdask.labelling.annotations` (their old names here still resolve, lazily).
 
 Examples
 --------

@@ -8,7 +8,7 @@ few scribbles into ``labels/<name>`` plus a float16 ``<name>-confidence`` image:
    rejected, a smooth shift field) and upsampled onto SEM pixels (:func:`upsample_eds`,
    bilinear, lazily with ``map_overlap``).
 2. Multiscale features of SEM and EDS channels (:func:`feature_stack`: ``map_overlap`` with
-   the halo ``ceil(4 * max sigma)`` of the :class:`~semdask.features.FeatureSpec`).
+   the halo ``ceil(4 * max sigma)`` of the :class:`~semdask.labelling.features.FeatureSpec`).
 3. A random forest (or any injected ``classifier`` with fit/predict(_proba)) is fitted on
    the annotated pixels, gathered only from the chunks that hold annotations
    (:func:`training_pixels`), then predicts every chunk (:func:`predict_probs`; the fitted
@@ -20,8 +20,8 @@ see :func:`parse_annotations`. The confidence (max class probability) is meant a
 per-pixel training weight for the U-Net: low where EDS and texture disagree or at
 boundaries blurred by the EDS interaction volume.
 
-EDS loading, registration and upsampling live in :mod:`semdask.registration`, annotation
-parsing and rasterising in :mod:`semdask.annotations`; their public names are re-exported
+EDS loading, registration and upsampling live in :mod:`semdask.labelling.registration`, annotation
+parsing and rasterising in :mod:`semdask.labelling.annotations`; their public names are re-exported
 here.
 
 Examples

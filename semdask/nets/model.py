@@ -74,8 +74,9 @@ _RESTORE = (
 _CONVERT = (
     "convert it once on a trusted machine:\n"
     "    state = torch.load('model.pt', map_location='cpu', weights_only=True)\n"
-    "    net = semdask.model.UNet(**kwargs); net.load_state_dict(state)\n"
-    "    semdask.model.save_model(net, semdask.model.ModelConfig(...), 'model.safetensors')"
+    "    net = semdask.nets.unet.UNet(**kwargs); net.load_state_dict(state)\n"
+    "    from semdask.nets.model import ModelConfig, save_model\n"
+    "    save_model(net, ModelConfig(...), 'model.safetensors')"
 )
 
 Net = UNet | ResUNet
@@ -87,8 +88,8 @@ def receptive_field(model: Net, *, at: int | None = None) -> int:
     """Receptive field edge in pixels: the widest input span that reaches one output pixel.
 
     Exact (analytic) for both architectures: see :meth:`UNet.receptive_field
-    <semdask.unet.UNet.receptive_field>` and :meth:`ResUNet.receptive_field
-    <semdask.resunet.ResUNet.receptive_field>`. ``at=None`` gives the maximum over
+    <semdask.nets.unet.UNet.receptive_field>` and :meth:`ResUNet.receptive_field
+    <semdask.nets.resunet.ResUNet.receptive_field>`. ``at=None`` gives the maximum over
     output positions (use it for halos); ``at=p`` the span for output column ``p``.
     """
     return model.receptive_field(at=at)
@@ -278,7 +279,7 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
     if _META_KEY not in meta:
         raise ModelError(str(path), expected="semdask config in the safetensors metadata",
                          got=f"metadata keys {sorted(meta)}",
-                         fix="save it with semdask.model.save_model(model, config, path)")
+                         fix="save it with semdask.nets.model.save_model(model, config, path)")
     try:
         config = ModelConfig.model_validate_json(meta[_META_KEY])
         model = build_model(config)

@@ -38,7 +38,7 @@ __all__ = ["ENGINE_MULTIPLE", "BasicBlock", "ResUNet"]
 
 log = logging.getLogger(__name__)
 
-ENGINE_MULTIPLE = 16  # the inference engine pads and aligns to 16 px (semdask.infer)
+ENGINE_MULTIPLE = 16  # the inference engine pads and aligns to 16 px (semdask.inference.graph)
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
@@ -261,8 +261,9 @@ class ResUNet(nn.Module):
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         except Exception as e:  # safetensors raises its own error types; never unpickles
             raise ModelError(str(path), expected="a safetensors file with encoder weights",
-                             got=f"{type(e).__name__}: {e}", fix="write it with "
-                             "ResUNet.save_encoder(path) or semdask.model.save_model") from None
+                             got=f"{type(e).__name__}: {e}",
+                             fix="write it with ResUNet.save_encoder(path) "
+                             "or semdask.nets.model.save_model") from None
         prefixed = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
         got = prefixed if prefixed else tensors
         want = self.encoder.state_dict()

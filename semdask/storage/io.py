@@ -5,7 +5,7 @@ dask blocks with :func:`store_blocks`; a group is marked incomplete
 (``attrs["semdask"]["complete"] = False``) until its data are written, and readers
 refuse incomplete outputs, and damaged outputs of ``semdask segment`` (every block read
 is checked against its ledger: :mod:`semdask.storage.integrity`). Pyramid levels are 2x
-mean (images) or 2x mode (labels) downsamplings built by :mod:`semdask.ome`.
+mean (images) or 2x mode (labels) downsamplings built by :mod:`semdask.storage.ome`.
 
 Examples
 --------

@@ -20,7 +20,7 @@ hash, plan, precision, normalisation statistics, outputs and the semdask version
 A record with another key is stale.
 
 This module is part of the storage layer: it owns the ledger's sidecar files;
-every Zarr array it touches comes from :mod:`semdask.io`.
+every Zarr array it touches comes from :mod:`semdask.storage.io`.
 
 Examples
 --------

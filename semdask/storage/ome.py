@@ -1,6 +1,6 @@
-"""OME-NGFF metadata builders (pure: no files, no stores; pyramids: :mod:`semdask.pyramid`).
+"""OME-NGFF metadata builders (pure: no files, no stores; pyramids: :mod:`semdask.storage.pyramid`).
 
-:mod:`semdask.io` writes what these functions build. Version 0.5 (Zarr v3) is the
+:mod:`semdask.storage.io` writes what these functions build. Version 0.5 (Zarr v3) is the
 native layout; the 0.4 variants (Zarr v2) serve the ``--ngff 0.4`` export for
 Fiji/QuPath users.
 

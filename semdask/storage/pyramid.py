@@ -1,8 +1,8 @@
 """Multiscale pyramids: level shapes and chunk-invariant 2x downsampling (pure kernels).
 
 Images get a 2x2 mean (integers rounded), label images a 2x2 mode, so every level-``k``
-pixel depends on the same ``2**k`` block whatever the chunking. :mod:`semdask.io`
-writes the levels, :mod:`semdask.ome` describes them.
+pixel depends on the same ``2**k`` block whatever the chunking. :mod:`semdask.storage.io`
+writes the levels, :mod:`semdask.storage.ome` describes them.
 
 Examples
 --------

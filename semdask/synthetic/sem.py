@@ -6,7 +6,7 @@ cropped, and detector noise comes from a counter-based RNG keyed by the global i
 256-px blocks. A region therefore renders identically whatever chunk it is rendered in, and
 :func:`synthetic_mosaic` can build arbitrarily large mosaics lazily, chunk by chunk.
 
-Microstructure (kernels in :mod:`semdask.microstructure`): YSZ is a band around the median
+Microstructure (kernels in :mod:`semdask.synthetic.microstructure`): YSZ is a band around the median
 contour of a two-octave value-noise field (a connected, fine-grained network: Worley grains
 with per-grain grey and dark boundaries, and a bright SEM edge effect next to pores); pores
 are the excursions outside the band (dark, irregular); Ni is a union of large, smooth, rounded

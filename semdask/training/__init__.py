@@ -2,6 +2,7 @@
 
 Seeded samplers that yield coordinates (:mod:`.samplers`), the lazy patch dataset
 (:mod:`.dataset`), batched augmentation (:mod:`.augment`), losses (:mod:`.losses`),
-checkpoints (:mod:`.checkpoint`), training at one pixel size (:mod:`.scale`) and the loop
-(:mod:`.train`).
+checkpoints (:mod:`.checkpoint`), training at one pixel size (:mod:`.scale`), the loop
+(:mod:`.train`), self-supervised pretraining on unlabelled mosaics (:mod:`.pretrain`) and
+loading its weights (:mod:`.transfer`).
 """

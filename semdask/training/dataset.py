@@ -1,6 +1,6 @@
 """Training patches read lazily from OME-Zarr mosaics (torchgeo style: sampler + dataset).
 
-Samplers (:mod:`semdask.samplers`, re-exported here) yield window coordinates
+Samplers (:mod:`semdask.training.samplers`, re-exported here) yield window coordinates
 ``(store, y, x)`` only, inside the training or validation part of a leak-free
 split. :class:`PatchDataset` turns a coordinate into ``(image, label)`` tensors
 (``(image, label, weight)`` with per-pixel ``weights``). It opens its stores
@@ -8,7 +8,7 @@ lazily once per process (DataLoader workers never receive open handles), reads
 whole cache tiles (zarr reads cost ~1 ms per call, so windows are sliced from a
 bounded per-process LRU of decoded tiles; small stores end up fully in memory)
 and normalises with each mosaic's global statistics. Batched augmentation on the
-training device lives in :mod:`semdask.augment`; :func:`augment` here is the
+training device lives in :mod:`semdask.training.augment`; :func:`augment` here is the
 per-patch numpy variant (flips/rot90 + intensity jitter) kept for ``augment=True``.
 
 Label values ``>= n_classes`` (255 = unlabelled/ignore) become ``-100``, torch's

@@ -1,9 +1,9 @@
 """Train a segmentation network on windows of OME-Zarr mosaics (leak-free validation).
 
 Every epoch: ``steps_per_epoch`` training windows (uniform, or class-balanced from a
-low-resolution label map: :mod:`semdask.samplers`), augmented in batches on the
-training device (:mod:`semdask.augment`), one optimiser step each (CE, CE + Dice or
-focal loss from :mod:`semdask.losses`, optional class and per-pixel weights, bf16
+low-resolution label map: :mod:`semdask.training.samplers`), augmented in batches on the
+training device (:mod:`semdask.training.augment`), one optimiser step each (CE, CE + Dice or
+focal loss from :mod:`semdask.training.losses`, optional class and per-pixel weights, bf16
 autocast on CUDA); then validation on a grid over the held-out part of the split
 (a band, whole stores or blocks, with a guard gap), one log line, one row of
 ``<out>.metrics.csv`` and TensorBoard scalars (``tensorboard``). Validation mIoU
