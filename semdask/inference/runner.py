@@ -78,8 +78,8 @@ def run_blocks(tasks: Sequence[Any], *, client: Any, progress: bool, mosaic: Pat
     tasks : sequence of Delayed
         One write-and-record task per block.
     client : distributed.Client or None
-        At most twice its threads in flight; None: the current scheduler, in rounds of
-        twice the cores.
+        At most twice its threads in flight; None: threads in this process, one block per
+        thread at a time (:func:`_run_threads`).
     progress : bool
         Report progress: a bar on a terminal, else log lines (:mod:`semdask.progress`).
     mosaic, output, inside, name
