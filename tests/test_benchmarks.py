@@ -77,7 +77,8 @@ def test_scaling_benchmark_reports_memory_ratio() -> None:
 def test_monai_comparison_prints_both_sides_and_the_ratio() -> None:
     pytest.importorskip("monai")
     out = _run("monai_compare.py", "--shape", "256", "--repeats", "1", "--monai-threads", "1")
-    assert re.search(r"256² run 1: semdask +[\d.]+ s +MONAI \(1 thr\) +[\d.]+ s = [\d.]+x", out)
+    assert re.search(r"256² run 1: semdask +[\d.]+ s \(cpu [\d.]+ s\) +MONAI \(1 thr\) +[\d.]+ s "
+                     r"\(cpu [\d.]+ s\) = [\d.]+x", out), out
     ratio = re.search(r"256² speed ratio \(fastest MONAI, 1 thr, s / semdask s\): ([\d.]+)x",
                       out)
     assert ratio and float(ratio.group(1)) > 0, out

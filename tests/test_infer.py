@@ -132,6 +132,40 @@ def test_whole_chunk_mode_matches_untiled_forward(tiny_unet, h, w, c1, c2):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunks", [(64, 96), (96, 160)])
+def test_deeper_net_whole_chunk_uses_its_own_grid(chunks) -> None:
+    """A 6-level U-Net (inputs multiples of 32): halo, chunks and padding on its 32-px grid,
+    chunk-invariant and equal to one untiled forward."""
+    from semdask.nets.model import ModelConfig, receptive_field
+    from semdask.nets.unet import UNet
+
+    torch.manual_seed(3)
+    net = UNet(n_classes=3, widths=(2, 2, 4, 4, 4, 4), dropout=(0.0,) * 6).eval()
+    assert ModelConfig.for_model(net, classes=["a", "b", "c"]).multiple == net.multiple == 32
+    img = np.random.default_rng(5).integers(0, 256, (150, 170)).astype(np.uint8)
+    kw = dict(stats=NormStats(0, 255), mode="whole-chunk", window=64,
+              receptive_field=receptive_field(net), multiple=32)
+    plan = plan_inference(img.shape, chunk=chunks[0], **{k: v for k, v in kw.items()
+                                                         if k != "stats"})
+    assert plan.grid == plan.multiple == 32 and plan.halo % 32 == 0
+    assert all(c % 32 == 0 for c in plan.chunks[0][:-1]) and plan.padded_shape[0] % 32 == 0
+    assert "multiple" in plan.to_dict()
+    a, b = (_probs(img, net, chunk=c, **kw) for c in chunks)
+    hp, wp = plan.padded_shape
+    big = np.pad(img, ((plan.halo, hp - img.shape[0] + plan.halo),
+                       (plan.halo, wp - img.shape[1] + plan.halo)),
+                 mode="symmetric").astype(np.float32) / 255
+    with torch.inference_mode():
+        ref = torch.softmax(net(torch.from_numpy(big)[None, None]), 1)[0].numpy()
+    ref = ref[:, plan.halo: plan.halo + img.shape[0], plan.halo: plan.halo + img.shape[1]]
+    np.testing.assert_allclose(a, ref, atol=1e-5)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(InputError, match="multiple of 32"):
+        plan_inference(img.shape, mode="window", window=48, multiple=32)
+    # the default net's plan is written as before (no new key)
+    assert "multiple" not in plan_inference(img.shape, mode="window", window=48).to_dict()
+
+
 def test_labels_from_probs_argmax():
     p = da.from_array(np.array([[[0.2, 0.7]], [[0.8, 0.3]]], np.float32), chunks=(2, 1, 1))
     assert labels_from_probs(p).compute().tolist() == [[1, 0]]

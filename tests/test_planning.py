@@ -17,6 +17,7 @@ from semdask.storage import io
 from semdask.training.augment import PRESETS
 from semdask.training.config import (
     Augment,
+    ClassWeights,
     Loss,
     Split,
     TrainConfig,
@@ -24,7 +25,15 @@ from semdask.training.config import (
     parse_budget,
 )
 from semdask.training.losses import LOSSES
-from semdask.training.planning import MAX_WINDOW, fingerprint, fit_schedule, plan
+from semdask.training.planning import (
+    MAX_WINDOW,
+    MIN_WIDTH_PX,
+    ClassStats,
+    Fingerprint,
+    fingerprint,
+    fit_schedule,
+    plan,
+)
 from semdask.training.samplers import SPLITS
 from semdask.training.train import train
 
@@ -140,15 +149,16 @@ def test_plan_keeps_thin_classes_at_full_resolution(thin: list[Path]) -> None:
     assert banded.window == 96  # the training part must hold a window and its guard
     assert cfg.balance == pytest.approx(0.60)  # cracks: 1.7 % of the pixels
     assert cfg.augment is Augment.STRONG  # 0.13 MPix labelled
-    assert cfg.batch_size is not None and cfg.batch_size >= 2
+    assert cfg.batch_size is not None and cfg.batch_size >= 4
     assert (cfg.epochs, cfg.steps_per_epoch) == (20, 100)
+    assert cfg.class_weights is ClassWeights.AUTO and "rarest" in why["class_weights"]
 
 
 def test_plan_downscales_for_context_when_nothing_is_thin(blobs: list[Path]) -> None:
     cfg, why = plan(fingerprint(blobs), TrainConfig.from_kwargs(split="stores"))
     assert cfg.scale is not None and 0.25 <= cfg.scale < 0.8 and "context" in why["scale"]
     assert cfg.window == MAX_WINDOW["cpu"]
-    assert cfg.batch_size == 2
+    assert cfg.batch_size == 4  # never fewer windows per step (batch 2 hardly learned EBC1)
 
 
 def test_explicit_values_win_and_no_plan_keeps_old_defaults(thin: list[Path]) -> None:
@@ -160,6 +170,33 @@ def test_explicit_values_win_and_no_plan_keeps_old_defaults(thin: list[Path]) ->
     assert (fixed.window, fixed.batch_size, fixed.epochs, fixed.steps_per_epoch) == (
         256, 8, 20, 100)
     assert fixed.scale is None and fixed.warmup == 0.0
+    assert fixed.class_weights is ClassWeights.NONE
+    given, why = plan(fp, TrainConfig.from_kwargs(class_weights="none"))
+    assert given.class_weights is ClassWeights.NONE and why["class_weights"] == "given"
+
+
+def test_plan_never_scales_a_thin_class_below_min_width() -> None:
+    """Big objects ask for context (downscaling); thin classes and small mosaics set floors."""
+    def fp(width: float, share: float = 0.005, edge: int = 1024) -> Fingerprint:
+        return Fingerprint(((edge, edge),), (None,), edge * edge, edge * edge, (
+            ClassStats("background", 0.70, 260.0, 413.0),
+            ClassStats("layer", 0.295 - share, 75.0, 322.0),
+            ClassStats("crack", share, width, 26.0)), {})
+
+    cfg = TrainConfig.from_kwargs(split="stores")
+    # a rare thin class (< 1 %) down to MIN_WIDTH_PX; context alone: 256 / (2 x 322)
+    for width, want in ((3.0, 0.5), (2.0, 0.75), (1.0, 1.0), (60.0, 0.4)):
+        got, why = plan(fp(width), cfg)
+        assert got.scale == pytest.approx(want, abs=0.005), (width, why["scale"])
+        assert got.scale * width >= MIN_WIDTH_PX - 1e-9 or got.scale == 1.0
+    # a common thin class (>= 1 %) keeps twice that
+    got, _ = plan(fp(4.0, share=0.05), cfg)
+    assert got.scale == pytest.approx(0.75)
+    got, _ = plan(fp(3.0, share=0.05), cfg)
+    assert got.scale == 1.0
+    # small mosaics keep >= 1.5 windows of 192 px
+    got, why = plan(fp(60.0, edge=480), cfg)
+    assert got.scale == pytest.approx(0.6) and got.window is not None and got.window <= 288
 
 
 def test_plan_fits_a_step_budget(thin: list[Path]) -> None:

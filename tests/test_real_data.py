@@ -161,14 +161,15 @@ def test_cli_convert_labels(tmp_path: Path) -> None:
 def test_training_on_real_stores_lowers_the_loss(stores: list[Path], tmp_path: Path) -> None:
     from semdask.training.train import train
 
-    # the package's default recipe (loss, sampling, augmentation), tiny net and budget
-    # (seeds 0, 1, 2 gave last/first 0.73, 0.67, 0.80: the bound leaves a margin)
-    r = train(stores, tmp_path / "m.safetensors", labels="truth", window=64, epochs=4,
+    # the package's default recipe (loss, sampling, class weights, augmentation), tiny net
+    # and budget; the class-weighted loss has a higher floor than the unweighted one
+    # (seeds 0, 1, 2 gave best-of-last-two / first 0.91, 0.92, 0.81: the bound leaves a margin)
+    r = train(stores, tmp_path / "m.safetensors", labels="truth", window=64, epochs=6,
               steps_per_epoch=8, batch_size=4, lr=5e-3, widths=(8, 16, 32), seed=0,
               val_fraction=0.25)
     losses = [h["train_loss"] for h in r.history]
-    assert len(losses) == 4 and all(np.isfinite(losses))
-    assert losses[-1] < 0.9 * losses[0], losses
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    assert min(losses[-2:]) < 0.95 * losses[0], losses
     assert r.model_path.is_file()
 
 

@@ -207,7 +207,8 @@ def convert_cmd(inputs: tuple[Path, ...], out: Path, pixel_size: float | None,
               help="ce+dice is 0.6 CE + 0.4 soft Dice over the batch (--dice-weight) [ce+dice].")
 @click.option("--dice-weight", "dice_weight", type=float, default=None, help="[0.4]")
 @click.option("--class-weights", "class_weights", type=click.Choice(_tchoices(ClassWeights)),
-              default=None, help="auto: inverse-sqrt pixel frequencies [none].")
+              default=None, help="auto: inverse-sqrt pixel frequencies of the training labels, "
+              "clipped to a 10x ratio [planned: auto; none with --no-plan].")
 @click.option("--optimizer", type=click.Choice(_tchoices(Optimizer)), default=None,
               help="[adam]")
 @click.option("--weight-decay", "weight_decay", type=float, default=None,
@@ -263,7 +264,8 @@ def train_cmd(stores: tuple[Path, ...], out: Path, val_store: tuple[Path, ...],
               no_plan: bool, **kw: Any) -> None:
     """Train a network on the mosaics STORE... (OME-Zarr with labels) and write --out.
 
-    The recipe is planned from the data (window, scale, batch, sampling, augmentation;
+    The recipe is planned from the data (window, scale, batch, sampling, class weights,
+    augmentation;
     with --budget the schedule) and printed; every planned value can be given as a flag.
     """
     from semdask.training.config import TrainConfig

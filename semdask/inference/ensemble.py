@@ -367,10 +367,11 @@ def predict_members(
                     origin=origin, core=core, window=window, stride=stride, weights=weights,
                     batch_size=batch_size)
             else:
-                if block.shape[0] % 16 or block.shape[1] % 16:
-                    raise InputError("block", expected="sides that are multiples of 16",
+                mult = max(16, int(getattr(model, "multiple", 16)))
+                if block.shape[0] % mult or block.shape[1] % mult:
+                    raise InputError("block", expected=f"sides that are multiples of {mult}",
                                      got=str(block.shape),
-                                     fix="align chunk edges and the halo to the 16-px grid")
+                                     fix=f"align chunk edges and the halo to the {mult}-px grid")
                 maps = _whole_views(block, model, core=core, views=views,
                                     batch=max(1, batch_size), dev=dev, precision=precision,
                                     channels_last=channels_last, activation=activation)

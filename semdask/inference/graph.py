@@ -3,10 +3,10 @@
 The mosaic is padded once, globally (reflect, up to a multiple of the grid
 step), cut into chunks whose edges sit on that grid, and each chunk plus halo
 goes through one kernel of :mod:`semdask.inference.predict`. The halo is derived from the
-parameters: ``tiling.window_halo(window, stride)`` for blended windows, the
-receptive-field radius rounded up to 16 px for the whole-chunk mode. Every
-chunk therefore sees exactly the context a single global pass would, so the
-output does not depend on the chunking.
+parameters: ``tiling.window_halo(window, stride)`` for blended windows, the receptive-field
+radius rounded up to the net's grid (16 px; 32 for a 6-level U-Net) for the whole-chunk
+mode. Every chunk sees exactly the context a single global pass would, so the output does
+not depend on the chunking.
 
 The model travels to workers as a path and a hash, never as a pickled object:
 each worker process loads it once (:func:`semdask.nets.model.get_model`).
@@ -72,6 +72,7 @@ class InferencePlan:
     grid: int
     padded_shape: tuple[int, int]
     blend: str = "gaussian"
+    multiple: int = NET_MULTIPLE  # the net's total down-sampling (inputs are multiples)
 
     @property
     def chunks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -80,7 +81,8 @@ class InferencePlan:
                 _core_chunks(self.padded_shape[1], self.chunk, self.halo))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)  # the default net's plan as written before deeper nets existed:
+        return {k: v for k, v in d.items() if k != "multiple" or v != NET_MULTIPLE}
 
 
 def _core_chunks(length: int, edge: int, minimum: int) -> tuple[int, ...]:
@@ -103,30 +105,35 @@ def plan_inference(
     chunk: int = 1536,
     receptive_field: int = 204,
     blend: str = "gaussian",
+    multiple: int = NET_MULTIPLE,
 ) -> InferencePlan:
     """Derive stride, halo, chunk edge and global padding from the parameters.
+
+    ``multiple`` is the net's total down-sampling (16 for the default U-Net, 32 for a
+    planned deeper one): windows, the whole-chunk halo and its grid are multiples of it.
 
     Raises
     ------
     InputError
-        For an unknown mode, a window that is not a multiple of 16, or (window
-        mode) a mosaic smaller than one window.
+        For an unknown mode, a window that is not a multiple of the net's ``multiple``,
+        or (window mode) a mosaic smaller than one window.
     """
     if mode not in MODES:
         raise InputError("mode", expected=f"one of {', '.join(MODES)}", got=repr(mode))
     if len(shape) != 2:
         raise InputError("mosaic", expected="a 2-D (y, x) image", got=f"shape {shape}",
                          fix="select one plane or channel before segmenting")
-    if window % NET_MULTIPLE:
-        raise InputError("window", expected=f"a multiple of {NET_MULTIPLE} px (the U-Net "
-                         "pools 4 times)", got=str(window),
-                         fix=f"use --window {align_up(window, NET_MULTIPLE)}")
+    net = max(NET_MULTIPLE, int(multiple))
+    if window % net:
+        raise InputError("window", expected=f"a multiple of {net} px (the net's total "
+                         "down-sampling)", got=str(window),
+                         fix=f"use --window {align_up(window, net)}")
     if min(shape) < 1:
         raise InputError("mosaic", expected="at least 1 x 1 px", got=f"shape {shape}")
     if mode == "window" and min(shape) < window:  # whole-chunk: any size (mirror-extended)
         raise InputError("mosaic", expected=f"at least one window ({window} x {window} px)",
                          got=f"an image of {shape[0]} x {shape[1]} px",
-                         fix=f"use a smaller --window (a multiple of 16 <= {min(shape)}), "
+                         fix=f"use a smaller --window (a multiple of {net} <= {min(shape)}), "
                          "--mode whole-chunk, or pad the image")
     if mode == "window":
         stride = stride_for(window, overlap)
@@ -134,12 +141,12 @@ def plan_inference(
         grid = stride
     else:
         stride = window
-        halo = receptive_field_halo(receptive_field, NET_MULTIPLE)
-        grid = NET_MULTIPLE
+        halo = receptive_field_halo(receptive_field, net)
+        grid = net
     edge = chunk_edge(chunk, multiple=grid, minimum=max(halo, grid))
     padded = (align_up(shape[0], grid), align_up(shape[1], grid))
     return InferencePlan(mode, (int(shape[0]), int(shape[1])), window, stride, halo, edge, grid,
-                         padded, blend)
+                         padded, blend, net)
 
 
 @functools.lru_cache(maxsize=8)
@@ -200,7 +207,8 @@ def _chunk_task(
         return argmax_classes(p) if labels else p
     return predict_whole(x, model, core=(h, h + cy1 - cy0, h, h + cx1 - cx0), device=dev,
                          precision=precision, channels_last=True, activation=activation,
-                         labels=labels, tile=tile)
+                         labels=labels, multiple=plan.multiple,
+                         tile=align_up(tile, plan.multiple) if tile and tile > 0 else tile)
 
 
 def _subtile() -> int:

@@ -117,7 +117,7 @@ def resolve(mosaic: str | os.PathLike[str], *, model: Any = None,
         _warn_pixel_size(m.pixel_size_um, mcfg.pixel_size_um)
     factor = relative_scale(m.pixel_size_um, mcfg, rescale=rescale) or scale_factor(
         m.pixel_size_um, mcfg.pixel_size_um, rescale=rescale)
-    kw = settings.plan_kwargs(mcfg.receptive_field)
+    kw = settings.plan_kwargs(mcfg.receptive_field, mcfg.multiple)
     plan = plan_inference((int(m.image.shape[0]), int(m.image.shape[1])), **kw)
     inner = plan if factor == 1.0 else plan_inference(target_shape(plan.shape, factor), **kw)
     if settings.mode is Mode.WHOLE_CHUNK:

@@ -287,8 +287,9 @@ def _execute(run: SegmentRun, own: ownership.OutputCheck, held: WriterLock, *, c
             p = blended_probs(m.image, ens.task_model, n_classes=len(classes), stats=stats,
                               plan=plan, **infer_kw)
         else:
+            kw = s.plan_kwargs(mcfg.receptive_field, mcfg.multiple)
             p = rescaled_probs(m.image, ens.task_model, factor=factor, n_classes=len(classes),
-                               stats=stats, plan_kwargs=s.plan_kwargs(mcfg.receptive_field),
+                               stats=stats, plan_kwargs=kw,
                                chunk=plan.chunk, plan=run.inner, **infer_kw)[0]
     if fused:
         sources = [lab]

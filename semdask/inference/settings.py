@@ -120,11 +120,11 @@ class Settings:
     confidence: bool
     sources: Mapping[str, str] = field(default_factory=dict)
 
-    def plan_kwargs(self, receptive_field: int) -> dict[str, Any]:
+    def plan_kwargs(self, receptive_field: int, multiple: int = 16) -> dict[str, Any]:
         """Keywords of :func:`semdask.inference.graph.plan_inference`."""
         return {"mode": self.mode.value, "window": self.window, "overlap": self.overlap,
                 "chunk": self.chunk, "receptive_field": int(receptive_field),
-                "blend": self.blend.value}
+                "blend": self.blend.value, "multiple": int(multiple)}
 
     def infer_kwargs(self) -> dict[str, Any]:
         """Keywords of :func:`semdask.inference.graph.blended_probs` (auto: on the worker)."""

@@ -149,6 +149,13 @@ class ModelConfig(BaseModel):
         """Same as ``kwargs``."""
         return self.kwargs
 
+    @property
+    def multiple(self) -> int:
+        """Inputs must be multiples of this many px (the net's total down-sampling)."""
+        if self.architecture == "unet":
+            return int(2 ** (len(self.kwargs.get("widths", DEFAULT_WIDTHS)) - 1))
+        return int(build_model(self).multiple)
+
     @classmethod
     def for_model(cls, model: Net, **fields: Any) -> ModelConfig:
         """A config for ``model`` (architecture, kwargs, channels, receptive field filled in)."""

@@ -98,7 +98,7 @@ class Augment(enum.StrEnum):
 
 #: Fields the planner fills when they are ``None``.
 PLANNED = ("window", "batch_size", "epochs", "steps_per_epoch", "scale", "balance", "augment",
-           "warmup")
+           "warmup", "class_weights")
 
 _UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 
@@ -151,7 +151,8 @@ class TrainConfig(BaseModel):
       and ``freeze_encoder_epochs`` (transfer learning, e.g. from ``semdask pretrain``);
     - ``loss`` (ce; ce+dice = ``(1 - dice_weight) CE + dice_weight (1 - Dice)``, Dice
       pooled over the whole batch and averaged over all classes; focal),
-      ``class_weights`` (none; auto: inverse-sqrt frequencies of the training labels);
+      ``class_weights`` (planned: auto, inverse-sqrt frequencies of the training labels;
+      none);
     - ``sampling`` (balanced: a share ``balance`` of windows centred on a pixel of a
       uniformly drawn class, from a low-resolution label map; uniform), ``augment``
       (none, flips, light, default, strong), ``weights`` (group of per-pixel loss weights);
@@ -191,7 +192,7 @@ class TrainConfig(BaseModel):
     arch_kwargs: dict[str, Any] | None = None
     loss: Loss = Loss.CE_DICE
     dice_weight: float = Field(default=0.4, ge=0, le=1)
-    class_weights: ClassWeights = ClassWeights.NONE
+    class_weights: ClassWeights | None = None
     optimizer: Optimizer = Optimizer.ADAM
     weight_decay: float | None = Field(default=None, ge=0)
     sampling: Sampling = Sampling.BALANCED
