@@ -108,6 +108,17 @@ def test_window_mode_is_bitwise_chunk_invariant(tiny_unet, h, w, c1, c2, overlap
     np.testing.assert_array_equal(a, b)
 
 
+def _untiled(img, net, plan):
+    """The whole (grid-aligned, symmetric-extended) uint8 image in one forward pass, cropped."""
+    h, w = img.shape
+    hp, wp = plan.padded_shape
+    big = np.pad(img, ((plan.halo, hp - h + plan.halo), (plan.halo, wp - w + plan.halo)),
+                 mode="symmetric").astype(np.float32) / 255
+    with torch.inference_mode():
+        ref = torch.softmax(net(torch.from_numpy(big)[None, None]), 1)[0].numpy()
+    return ref[:, plan.halo: plan.halo + h, plan.halo: plan.halo + w]
+
+
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(h=st.integers(40, 130), w=st.integers(40, 130), c1=st.integers(16, 96),
@@ -120,15 +131,8 @@ def test_whole_chunk_mode_matches_untiled_forward(tiny_unet, h, w, c1, c2):
     kw = dict(stats=NormStats(0, 255), mode="whole-chunk", window=32, receptive_field=rf)
     a = _probs(img, tiny_unet, chunk=c1, **kw)
     b = _probs(img, tiny_unet, chunk=c2, **kw)
-    # untiled: the whole (16-aligned, symmetric-extended) image in one forward pass
     plan = plan_inference(img.shape, chunk=c1, **{k: v for k, v in kw.items() if k != "stats"})
-    hp, wp = plan.padded_shape
-    big = np.pad(img, ((plan.halo, hp - h + plan.halo), (plan.halo, wp - w + plan.halo)),
-                 mode="symmetric").astype(np.float32) / 255
-    with torch.inference_mode():
-        ref = torch.softmax(tiny_unet(torch.from_numpy(big)[None, None]), 1)[0].numpy()
-    ref = ref[:, plan.halo: plan.halo + h, plan.halo: plan.halo + w]
-    np.testing.assert_allclose(a, ref, atol=1e-5)
+    np.testing.assert_allclose(a, _untiled(img, tiny_unet, plan), atol=1e-5)
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -151,14 +155,7 @@ def test_deeper_net_whole_chunk_uses_its_own_grid(chunks) -> None:
     assert all(c % 32 == 0 for c in plan.chunks[0][:-1]) and plan.padded_shape[0] % 32 == 0
     assert "multiple" in plan.to_dict()
     a, b = (_probs(img, net, chunk=c, **kw) for c in chunks)
-    hp, wp = plan.padded_shape
-    big = np.pad(img, ((plan.halo, hp - img.shape[0] + plan.halo),
-                       (plan.halo, wp - img.shape[1] + plan.halo)),
-                 mode="symmetric").astype(np.float32) / 255
-    with torch.inference_mode():
-        ref = torch.softmax(net(torch.from_numpy(big)[None, None]), 1)[0].numpy()
-    ref = ref[:, plan.halo: plan.halo + img.shape[0], plan.halo: plan.halo + img.shape[1]]
-    np.testing.assert_allclose(a, ref, atol=1e-5)
+    np.testing.assert_allclose(a, _untiled(img, net, plan), atol=1e-5)
     np.testing.assert_allclose(a, b, atol=1e-5)
     with pytest.raises(InputError, match="multiple of 32"):
         plan_inference(img.shape, mode="window", window=48, multiple=32)

@@ -152,8 +152,6 @@ class ModelConfig(BaseModel):
     @property
     def multiple(self) -> int:
         """Inputs must be multiples of this many px (the net's total down-sampling)."""
-        if self.architecture == "unet":
-            return int(2 ** (len(self.kwargs.get("widths", DEFAULT_WIDTHS)) - 1))
         return int(build_model(self).multiple)
 
     @classmethod

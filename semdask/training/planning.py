@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 MIN_WIDTH_PX = 1.5
 MAX_WINDOW = {"cpu": 256, "cuda": 512}
+_MIN_WINDOW = 192
 _MIN_BATCH = 4
 _PIXELS_PER_STEP = {"cpu": 8 * 192 * 192, "cuda": 16 * 256 * 256}
 _CROP, _MIN_CROP = 1024, 256
@@ -233,7 +234,7 @@ def plan(fp: Fingerprint | None, cfg: TrainConfig) -> tuple[TrainConfig, dict[st
     s_thin = max((MIN_WIDTH_PX * (1.0 if c.share < _RARE_SHARE else 2.0) / c.width_px
                   for c in relevant), default=0.0)
     # and the smallest mosaic keeps >= 1.5 smallest windows (small images stay sharp)
-    s_img = 1.5 * 192 / max(min(min(h, w) for h, w in fp.shapes), 1)
+    s_img = 1.5 * _MIN_WINDOW / max(min(min(h, w) for h, w in fp.shapes), 1)
     upd: dict[str, Any] = {}
     # input scale: downscale only for context, never a relevant class under MIN_WIDTH_PX
     # (measured on NASA EBC1: half resolution with the 3-px cracks at 1.5 px reached 0.70
@@ -260,9 +261,9 @@ def plan(fp: Fingerprint | None, cfg: TrainConfig) -> tuple[TrainConfig, dict[st
         smallest = held - cfg.guard if cfg.guard is not None else held / 2.0
     fit = max(16, int(smallest // 16) * 16)
     if "window" not in given:
-        upd["window"] = min(_round_window(2.0 * size * s_eff, 192, cap), fit)
+        upd["window"] = min(_round_window(2.0 * size * s_eff, _MIN_WINDOW, cap), fit)
         why["window"] = (f"2 x object size {size * s_eff:.0f} px "
-                         f"({', '.join(c.name for c in objects)}), in [192, {cap}], "
+                         f"({', '.join(c.name for c in objects)}), in [{_MIN_WINDOW}, {cap}], "
                          f"<= {fit} (the training part of the split)")
     window = upd.get("window") or cfg.window or 256
     if "batch_size" not in given:
