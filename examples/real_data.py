@@ -3,6 +3,8 @@
     python examples/real_data.py --config Super1 --budget 30m --out runs/super1
     python examples/real_data.py --config all --budget 30m --seeds 0 1 --out runs/all \
         --results-md docs/RESULTS.md          # the seven configs, two seeds, the table
+    python examples/real_data.py --config all --seeds 0 1 --out runs/all --reuse  # resume
+    python examples/real_data.py --out runs/all --collect --results-md docs/RESULTS.md
     python examples/real_data.py --quick --data-root tests/data --out /tmp/rd   # CI: seconds
 
 Uses the NASA benchmark sets normalised in ``../shared/data`` (``<dataset>/images/<id>.png``
@@ -25,7 +27,9 @@ run can be repeated from a terminal:
 Prints a results table and writes ``OUT/results.json`` (several configs or seeds:
 ``OUT/<config>-s<seed>/results.json`` and ``OUT/summary.json``); ``--results-md FILE``
 writes the table (per-class IoU, mIoU, accuracy, budget, wall time, spread over seeds)
-between the ``real-data-table`` markers of FILE.
+between the ``real-data-table`` markers of FILE. ``--reuse`` keeps the finished runs of an
+earlier (interrupted) call with the same budget; ``--collect`` only tabulates every finished
+run under ``--out`` (of the ``--config`` names, when given).
 """
 
 from __future__ import annotations
@@ -206,6 +210,29 @@ def run_one(dataset: str, config: str, seed: int, args: argparse.Namespace,
     return result
 
 
+def _reused(out: Path, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The finished run in ``out`` when ``--reuse`` is given and its budget is the same."""
+    f = out / "results.json"
+    if not (args.reuse and f.is_file()):
+        return None
+    r: dict[str, Any] = json.loads(f.read_text())
+    if r.get("budget") != args.budget or bool(r.get("quick")) != args.quick:
+        return None
+    print(f"reusing {f} ({r['config']} seed {r['seed']}: test mIoU {r['test']['miou']:.4f})")
+    return r
+
+
+def collect(out: Path, configs: list[str] | None) -> list[dict[str, Any]]:
+    """Every finished run under ``out`` (``results.json``), in config then seed order."""
+    found = [json.loads(f.read_text()) for f in sorted(out.glob("*/results.json"))]
+    runs = [r for r in found if configs is None or r["config"] in configs]
+    if not runs:
+        raise SystemExit(f"--collect: no results.json under {out}/*/"
+                         + (f" for {', '.join(configs)}" if configs else ""))
+    order = {c: i for i, c in enumerate(CONFIGS)}
+    return sorted(runs, key=lambda r: (order.get(r["config"], 99), r["seed"]))
+
+
 def show_plan(dataset: str, config: str, args: argparse.Namespace, out: Path) -> None:
     """Convert the train split of ``config`` and print the recipe ``semdask train`` plans."""
     from semdask.training.config import TrainConfig
@@ -287,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results-md", type=Path, default=None, metavar="FILE",
                     help="Write the summary table into FILE (e.g. docs/RESULTS.md).")
     ap.add_argument("--quick", action="store_true", help="A few steps only (CI smoke run).")
+    ap.add_argument("--reuse", action="store_true",
+                    help="Keep runs already finished under --out with the same budget.")
+    ap.add_argument("--collect", action="store_true",
+                    help="Run nothing: tabulate the finished runs under --out.")
     ap.add_argument("--plan-only", action="store_true",
                     help="Only print the planned recipe of each config's train split.")
     args = ap.parse_args(argv)
@@ -301,11 +332,15 @@ def main(argv: list[str] | None = None) -> int:
         for d, c in dict.fromkeys((d, c) for d, c, _ in jobs):
             show_plan(d, c, args, out / c)
         return 0
-    results = [run_one(d, c, s, args, out if len(jobs) == 1 else out / f"{c}-s{s}")
-               for d, c, s in jobs]
+    if args.collect:
+        results = collect(out, None if args.config in (None, ["all"]) else args.config)
+    else:
+        results = [_reused(where, args) or run_one(d, c, s, args, where)
+                   for d, c, s in jobs
+                   for where in [out if len(jobs) == 1 else out / f"{c}-s{s}"]]
     table = summary_table(results)
     print("\n" + table)
-    if len(jobs) > 1:
+    if len(results) > 1:
         (out / "summary.json").write_text(json.dumps(
             {"table": table, "runs": [{k: r[k] for k in ("dataset", "config", "seed", "test",
                                                           "seconds", "budget")}

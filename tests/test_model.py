@@ -252,3 +252,37 @@ def test_bundled_config_is_unchanged_by_the_dispatch() -> None:
     assert cfg.architecture == "unet" and cfg.receptive_field == 204
     assert json.loads(cfg.model_dump_json()) == {
         k: v for k, v in doc.items() if k not in ("weights", "sha256")}
+
+
+def _normed_unet(seed: int = 0) -> UNet:
+    """A U-Net with batch norms whose running statistics are far from the identity."""
+    torch.manual_seed(seed)
+    net = UNet(widths=(4, 8, 16), norm="batch").train()
+    with torch.no_grad():
+        for _ in range(5):
+            net(3.0 * torch.rand(4, 1, 32, 32) + 1.0)
+    return net.eval()
+
+
+def test_batch_norms_fold_into_a_plain_unet(tmp_path) -> None:
+    net = _normed_unet()
+    assert net.enc[0].norm1.running_mean.abs().max() > 0.1  # not the initial statistics
+    plain = net.folded()
+    assert plain.norm is None and "norm" not in plain.kwargs() and net.kwargs()["norm"] == "batch"
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+    assert receptive_field(plain) == receptive_field(net)
+    x = 3.0 * torch.rand(2, 1, 32, 48) + 1.0
+    with torch.no_grad():
+        ref = net(x)
+        torch.testing.assert_close(plain(x), ref, rtol=1e-4, atol=1e-5)
+        cfg = ModelConfig.for_model(net)
+        assert cfg.kwargs["norm"] == "batch"
+        loaded, lcfg = load_model(save_model(net, cfg, tmp_path / "m.safetensors"))
+        assert loaded.norm is None and "norm" not in lcfg.kwargs  # model files are plain
+        torch.testing.assert_close(loaded(x), ref, rtol=1e-4, atol=1e-5)
+        ckpt, ccfg = load_model(save_model(net, cfg, tmp_path / "c.safetensors", fold=False))
+        assert ccfg.kwargs["norm"] == "batch"  # a training checkpoint keeps them
+        assert torch.equal(ckpt(x), ref)
+    assert UNet(widths=(4,)).folded().norm is None
+    with pytest.raises(ModelError, match="norm"):
+        UNet(norm="group")

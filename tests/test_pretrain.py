@@ -77,13 +77,14 @@ def test_objective_decreases_on_unlabelled_store(encoder, stores) -> None:
     ds = PatchDataset([stores[0]], labels=None, window=32)  # unlabelled mode
     batch = torch.stack([ds[(0, y, x)][0] for y in (0, 80, 160) for x in (0, 96, 160)])
     torch.manual_seed(1)  # pretrain's initial weights (same seed)
-    before = UNet(n_classes=1, **TINY)
+    before = UNet(n_classes=1, norm="batch", **TINY)  # batch norms: pretrain's default
     torch.nn.init.constant_(before.head.bias, 0.5)
-    after = UNet(n_classes=1, **TINY)
+    after = UNet(n_classes=1, norm="batch", **TINY)
     after.load_state_dict(tensors)  # the file holds the whole reconstruction network
     assert _objective(after, batch) < 0.5 * _objective(before, batch)
     cfg = json.loads(meta[PRETRAIN_KEY])
     assert cfg["architecture"] == "unet" and cfg["kwargs"]["widths"] == TINY["widths"]
+    assert cfg["kwargs"]["norm"] == "batch"
     assert cfg["objective"]["name"] == "inpaint+denoise" and cfg["steps"] == 16
     assert cfg["window"] == 32 and cfg["normalisation"]["high_percentile"] == 99.5
     assert [s["name"] for s in cfg["stores"]] == [stores[0].name]
@@ -115,7 +116,7 @@ def test_windows_are_read_lazily(tmp_path, monkeypatch) -> None:
 
 def test_encoder_round_trips_into_train(encoder, stores, tmp_path) -> None:
     file, _ = _file(encoder.path)
-    net = UNet(widths=TINY["widths"], n_classes=4)
+    net = UNet(widths=TINY["widths"], n_classes=4, norm="batch")  # as pretrain and train
     head = net.head.weight.detach().clone()
     names = load_pretrained(net, encoder.path)
     assert names == sorted(k for k in file if not k.startswith("head."))  # 1-channel head
@@ -126,14 +127,15 @@ def test_encoder_round_trips_into_train(encoder, stores, tmp_path) -> None:
     r = train([stores[1]], tmp_path / "m.safetensors", widths=tuple(TINY["widths"]), window=32,
               epochs=1, steps_per_epoch=2, batch_size=2, plan=False,
               encoder_weights=encoder.path, freeze_encoder_epochs=1)
-    trained, _ = load_model(r.model_path)
+    trained, _ = load_model(r.checkpoint)  # unfolded (the model file has the norms folded)
     got = trained.state_dict()
-    enc = [k for k in file if k.startswith("enc.")]
+    enc = [k for k in file if k.startswith("enc.") and not k.endswith("num_batches_tracked")]
+    assert any(".norm" in k for k in enc)  # frozen: norm statistics kept as well
     assert enc and all(torch.equal(got[k], file[k]) for k in enc)
     assert any(not torch.equal(got[k], file[k]) for k in file if k.startswith("dec."))
     scratch = train([stores[1]], tmp_path / "s.safetensors", widths=tuple(TINY["widths"]),
                     window=32, epochs=1, steps_per_epoch=2, batch_size=2, plan=False)
-    other = load_model(scratch.model_path)[0].state_dict()
+    other = load_model(scratch.checkpoint)[0].state_dict()
     assert not any(torch.equal(other[k], file[k]) for k in enc if k.endswith("weight"))
 
 
@@ -194,3 +196,23 @@ def test_cli_smoke(stores, tmp_path) -> None:
                          str(tmp_path / "m.safetensors")])
     assert res.exit_code != 0 and "Traceback" not in res.output
     assert "missing.ome.zarr" in res.output
+
+
+def test_trained_model_encoder_loads_into_a_normed_unet(tmp_path) -> None:
+    from semdask.nets.model import ModelConfig, save_model
+
+    torch.manual_seed(7)
+    src = UNet(widths=(4, 8), n_classes=3).eval()  # a plain model file, e.g. a folded one
+    path = save_model(src, ModelConfig.for_model(src, classes=["a", "b", "c"]),
+                      tmp_path / "m.safetensors")
+    net = UNet(widths=(4, 8), n_classes=4, norm="batch")
+    names = load_pretrained(net, path)
+    assert "enc.0.norm1.bias" in names and "enc.0.conv1.bias" not in names
+    net.eval()
+    x = torch.rand(1, 1, 16, 16)
+    with torch.no_grad():  # conv biases became the norms' shifts: same encoder features
+        torch.testing.assert_close(net.enc[0](x), src.enc[0](x), rtol=1e-4, atol=1e-4)
+    set_encoder_frozen(net, True)
+    assert net.enc[0].norm1.momentum == 0.0 and net.dec[0].norm1.momentum == 0.1
+    set_encoder_frozen(net, False)
+    assert net.enc[0].norm1.momentum == 0.1

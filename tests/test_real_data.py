@@ -230,3 +230,37 @@ def test_example_plan_only_prints_the_planned_recipe(tmp_path: Path,
     assert "plan (budget 1800 s)" in out and "tertiary gamma-prime:" in out
     assert "scale           1.0" in out  # tertiary gamma-prime is ~3 px wide: no downscaling
     assert not (tmp_path / "results.json").exists()
+
+
+def test_example_reuses_finished_runs_and_collects_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import real_data
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+
+    def finished(config: str, seed: int, miou: float, budget: str | None = "10m") -> None:
+        d = tmp_path / f"{config}-s{seed}"
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({
+            "dataset": "nasa", "config": config, "seed": seed, "budget": budget, "quick": False,
+            "seconds": {"train": 600.0}, "test": {"miou": miou, "accuracy": 0.9,
+                                                  "classes": {"a": {"iou": miou}}}}))
+
+    finished("EBC1", 1, 0.7)
+    finished("Super1", 0, 0.9)
+    finished("EBC1", 0, 0.5)
+    md = tmp_path / "R.md"
+    assert real_data.main(["--out", str(tmp_path), "--collect", "--results-md", str(md)]) == 0
+    rows = [ln for ln in md.read_text().splitlines() if ln.startswith("| ")][1:]
+    assert [r.split(" | ")[:2] for r in rows] == [["| Super1", "0"], ["| EBC1", "0, 1"]]
+    assert "**0.600 ± 0.141**" in rows[1]
+    assert real_data.main(["--out", str(tmp_path), "--collect", "--config", "EBC1"]) == 0
+    assert "Super1" not in capsys.readouterr().out.split("| config |")[-1]
+    # --reuse: all three runs are finished with budget 10m, so nothing is trained
+    assert real_data.main(["--out", str(tmp_path), "--config", "EBC1", "Super1", "--seeds", "0",
+                           "--budget", "10m", "--reuse"]) == 0
+    assert capsys.readouterr().out.count("reusing ") == 2
+    with pytest.raises(SystemExit, match=r"no results\.json"):
+        real_data.collect(tmp_path, ["EBC3"])

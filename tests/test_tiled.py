@@ -95,3 +95,21 @@ def test_predict_whole_subtiles_match_one_block(unet5: UNet) -> None:
     lab = predict_whole(block, unet5, core=core, tile=32, labels=True)
     assert lab.dtype == np.uint8 and lab.shape == (80, 112)
     assert (lab == whole.argmax(0)).mean() > 0.9999
+
+
+def test_tiled_unet_with_unfolded_norms_equals_untiled_forward() -> None:
+    torch.manual_seed(5)
+    net = UNet(widths=(4, 6, 8), dropout=(0.0,) * 3, norm="batch").train()
+    with torch.no_grad():
+        net(2.0 * torch.rand(2, 1, 64, 64))  # running statistics off the identity
+    net.eval()
+    assert not is_croppable_unet(net) and is_croppable_unet(net.folded())
+    halo = receptive_field_halo(net.receptive_field())
+    core = (halo, halo + 64, halo, halo + 96)
+    x = _block(64 + 2 * halo, 96 + 2 * halo, seed=2)
+    with torch.inference_mode():
+        ref = net(x)[..., core[0]: core[1], core[2]: core[3]]
+        got = tiled_forward(net, x, core=core, halo=halo, tile=32)
+        folded = tiled_forward(net.folded(), x, core=core, halo=halo, tile=32)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(folded, ref, atol=1e-4, rtol=1e-4)

@@ -148,6 +148,8 @@ def test_train_writes_outputs_and_resumes(stores, tmp_path) -> None:
     assert r.checkpoint.exists() and r.best_epoch == 1 and [h["epoch"] for h in r.history] == [1]
     _net, cfg = load_model(out)
     assert cfg.classes == list(PHASES) and cfg.provenance["epoch"] == 1
+    assert "norm" not in cfg.kwargs  # batch norms (the default) folded into the model file
+    assert load_model(r.checkpoint)[1].kwargs["norm"] == "batch"  # kept for resuming
     assert cfg.window == 256 and cfg.pixel_size_um == pytest.approx(0.04458)
     r2 = train(stores, out, window=32, epochs=3, steps_per_epoch=3, batch_size=2, seed=1,
                widths=(8, 8), val_window=32, resume=r.checkpoint)
@@ -260,8 +262,8 @@ def test_train_research_options(stores, weighted_store, tmp_path) -> None:
 def test_train_early_stopping(stores, tmp_path) -> None:
     r = train(stores, tmp_path / "p.safetensors", window=32, epochs=5, steps_per_epoch=1,
               batch_size=1, widths=TINY, val_window=32, lr=0.0, patience=1, augment="none",
-              loss="ce")
-    # lr 0: the validation mIoU never improves after epoch 1
+              loss="ce", norm="none")
+    # lr 0 and no batch-norm statistics to update: the validation mIoU never improves
     assert r.stopped_early and [h["epoch"] for h in r.history] == [1, 2]
 
 

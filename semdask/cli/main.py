@@ -21,6 +21,7 @@ from semdask.training.config import (
     Augment,
     ClassWeights,
     Loss,
+    Norm,
     Optimizer,
     Sampling,
     Schedule,
@@ -203,6 +204,9 @@ def convert_cmd(inputs: tuple[Path, ...], out: Path, pixel_size: float | None,
 @click.option("--warmup", type=float, default=None, help="Warm-up share of the steps [planned].")
 @click.option("--arch", type=click.Choice(_tchoices(Arch)), default=None,
               help="The paper's U-Net or the residual-encoder U-Net [unet].")
+@click.option("--norm", type=click.Choice(_tchoices(Norm)), default=None,
+              help="U-Net: batch norm after each convolution (folded into the saved model), "
+              "or none as in the paper [batch].")
 @click.option("--loss", type=click.Choice(_tchoices(Loss)), default=None,
               help="ce+dice is 0.6 CE + 0.4 soft Dice over the batch (--dice-weight) [ce+dice].")
 @click.option("--dice-weight", "dice_weight", type=float, default=None, help="[0.4]")

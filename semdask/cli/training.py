@@ -18,6 +18,8 @@ __all__ = ["COMMANDS"]
               help="Pretrained weights (+ .yaml); give it to train --encoder-weights.")
 @click.option("--arch", type=click.Choice(["unet", "resunet"]), default="unet",
               show_default=True, help="Must match the later train --arch.")
+@click.option("--norm", type=click.Choice(["batch", "none"]), default="batch",
+              show_default=True, help="U-Net normalisation; must match the later train --norm.")
 @click.option("--budget", default="500steps", show_default=True, metavar="TIME|Nsteps",
               help="Steps (500steps) or a wall time (5m, 1h, 300): the step count is fitted "
               "to it after timing a few steps.")
@@ -37,9 +39,10 @@ __all__ = ["COMMANDS"]
               help="DataLoader worker processes.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @handle_errors
-def pretrain_cmd(stores: tuple[Path, ...], out: str, arch: str, budget: str, window: int,
-                 batch_size: int, lr: float, mask_ratio: float, encoder_only: bool, seed: int,
-                 device: str, workers: int, overwrite: bool) -> None:
+def pretrain_cmd(stores: tuple[Path, ...], out: str, arch: str, norm: str, budget: str,
+                 window: int, batch_size: int, lr: float, mask_ratio: float,
+                 encoder_only: bool, seed: int, device: str, workers: int,
+                 overwrite: bool) -> None:
     """Pretrain a network on unlabelled mosaics STORE... (self-supervised) and write --out.
 
     The network learns to restore windows whose random 16-px cells were blanked and
@@ -49,8 +52,9 @@ def pretrain_cmd(stores: tuple[Path, ...], out: str, arch: str, budget: str, win
     """
     from semdask.training.pretrain import pretrain
 
-    r = pretrain(stores, out, arch=arch, budget=budget, window=window, batch_size=batch_size,
-                 lr=lr, mask_ratio=mask_ratio, encoder_only=encoder_only, seed=seed,
+    r = pretrain(stores, out, arch=arch, norm=norm, budget=budget, window=window,
+                 batch_size=batch_size, lr=lr, mask_ratio=mask_ratio,
+                 encoder_only=encoder_only, seed=seed,
                  device=device, num_workers=workers, overwrite=overwrite)
     first = sum(r.losses[:10]) / max(1, len(r.losses[:10]))
     click.echo(f"{r.path}: {r.steps} steps in {r.seconds:.0f} s, reconstruction MSE "

@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 def is_croppable_unet(model: Any) -> bool:
     """True for a plain U-Net (encoder blocks, max-pool, 2x2 transposed convs, 1x1 head)."""
     need = ("enc", "dec", "up", "pool", "head", "depth")
-    if not all(hasattr(model, a) for a in need) or type(model).__name__ != "UNet":
+    if (not all(hasattr(model, a) for a in need) or type(model).__name__ != "UNet"
+            or getattr(model, "norm", None) is not None):  # unfolded batch norms
         return False
     ups = list(model.up)
     return all(tuple(u.kernel_size) == (2, 2) and tuple(u.stride) == (2, 2)

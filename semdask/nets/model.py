@@ -188,14 +188,20 @@ def build_model(config: ModelConfig) -> Net:
                          got=str(e)) from None
 
 
-def save_model(model: Net, config: ModelConfig, path: str | os.PathLike[str]) -> Path:
+def save_model(model: Net, config: ModelConfig, path: str | os.PathLike[str], *,
+               fold: bool = True) -> Path:
     """Write ``model`` to a ``.safetensors`` file (config in the header) + ``.yaml`` sidecar.
 
-    Returns the path of the weights file. Both files are written atomically.
+    Returns the path of the weights file. Both files are written atomically. A U-Net
+    with batch norms is written folded (:meth:`semdask.nets.unet.UNet.folded`: a plain
+    U-Net, the same function in eval mode) unless ``fold=False`` (training checkpoints,
+    which go on training).
     """
     from safetensors.torch import save_file
 
     path = Path(path)
+    if fold and isinstance(model, UNet):
+        model = model.folded()
     if path.suffix != ".safetensors":
         raise ModelError(str(path), expected="a .safetensors file name", got=path.suffix or
                          "no suffix", fix=f"use {path.with_suffix('.safetensors')}")

@@ -29,8 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from semdask.errors import InputError
 
-__all__ = ["PLANNED", "Arch", "Augment", "ClassWeights", "Loss", "Optimizer", "Sampling",
-           "Schedule", "Split", "TrainConfig", "choices", "config_error", "parse_budget"]
+__all__ = ["PLANNED", "Arch", "Augment", "ClassWeights", "Loss", "Norm", "Optimizer",
+           "Sampling", "Schedule", "Split", "TrainConfig", "choices", "config_error",
+           "parse_budget"]
 
 
 class Arch(enum.StrEnum):
@@ -38,6 +39,13 @@ class Arch(enum.StrEnum):
 
     UNET = "unet"
     RESUNET = "resunet"
+
+
+class Norm(enum.StrEnum):
+    """U-Net normalisation: batch norm after every 3x3 convolution, or none (the paper's)."""
+
+    BATCH = "batch"
+    NONE = "none"
 
 
 class Loss(enum.StrEnum):
@@ -147,7 +155,9 @@ class TrainConfig(BaseModel):
     - ``schedule`` (cosine / poly decay to ``lr / 50`` after a linear ``warmup`` share of
       the steps; plateau halves after 2 epochs without a better validation mIoU;
       constant), ``optimizer`` (adam, adamw), ``weight_decay`` (0 / 0.01);
-    - ``arch`` (unet, resunet), ``arch_kwargs``, ``widths`` (U-Net), ``encoder_weights``
+    - ``arch`` (unet, resunet), ``arch_kwargs``, ``widths`` and ``norm`` (U-Net: batch norms
+      train in fewer steps and are folded into the convolutions of the saved model; none
+      is the paper's net), ``encoder_weights``
       and ``freeze_encoder_epochs`` (transfer learning, e.g. from ``semdask pretrain``);
     - ``loss`` (ce; ce+dice = ``(1 - dice_weight) CE + dice_weight (1 - Dice)``, Dice
       pooled over the whole batch and averaged over all classes; focal),
@@ -182,6 +192,7 @@ class TrainConfig(BaseModel):
     device: str = "auto"
     resume: Path | None = None
     widths: tuple[int, ...] = (16, 32, 64, 128, 256)
+    norm: Norm = Norm.BATCH
     val_window: int | None = Field(default=None, ge=16, multiple_of=16)
     infer_window: int = Field(default=256, ge=16, multiple_of=16)
     low_percentile: float = Field(default=0.5, ge=0, le=100)

@@ -126,6 +126,7 @@ def _store_identity(path: Path) -> dict[str, Any]:
 
 def pretrain(stores: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
              arch: str = "unet", arch_kwargs: dict[str, Any] | None = None,
+             norm: str | None = "batch",
              budget: str | float | None = "500steps", window: int = 192,
              batch_size: int = 8, lr: float = 1e-3, warmup: float = 0.03, seed: int = 0,
              mask_ratio: float = 0.4, mask_cell: int = 16, sigma_max: float = 0.08,
@@ -146,6 +147,8 @@ def pretrain(stores: Sequence[str | os.PathLike[str]], out: str | os.PathLike[st
         Architecture; it must match the later ``semdask train --arch``.
     arch_kwargs : dict, optional
         Constructor arguments (default: the architecture's defaults, as ``train``).
+    norm : {"batch", "none"}
+        U-Net normalisation when ``arch_kwargs`` does not set it (as ``train --norm``).
     budget : str or float
         ``"500steps"``, or a wall time (``"5m"``, seconds): a few steps are timed
         and the step count is fitted to it (the learning-rate schedule needs it).
@@ -194,6 +197,8 @@ def pretrain(stores: Sequence[str | os.PathLike[str]], out: str | os.PathLike[st
     torch.manual_seed(seed)  # the initial weights too
     kw = dict(arch_kwargs or {})
     kw.pop("n_classes", None)
+    if arch == "unet":  # as train: batch norms unless asked otherwise
+        kw.setdefault("norm", None if norm in (None, "none") else norm)
     model = build_model(ModelConfig.model_validate(
         {"architecture": arch, "classes": ["intensity"], "n_classes": 1,
          "kwargs": {**kw, "n_classes": 1}}))

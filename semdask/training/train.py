@@ -260,6 +260,8 @@ def _train_member(stores: Sequence[str | os.PathLike[str]], out: Path, o: Simple
                              got=f"{rconf.n_classes}")
     else:
         kw = dict(o.arch_kwargs or ({"widths": list(o.widths)} if o.arch == "unet" else {}))
+        if o.arch == "unet":
+            kw.setdefault("norm", None if o.norm == "none" else str(o.norm))
         model = build_model(ModelConfig(architecture=o.arch, classes=classes, n_classes=n_classes,
                                         kwargs={**kw, "n_classes": n_classes})).to(dev)
         if o.encoder_weights is not None:  # pretrained encoder (+ decoder); head stays random
@@ -367,7 +369,7 @@ def _train_member(stores: Sequence[str | os.PathLike[str]], out: Path, o: Simple
             save_model(model, cfg, out)
         elif o.schedule == "plateau" and (epoch - best_epoch) % 2 == 0:
             lr_scale *= 0.5
-        save_model(model, cfg, ckpt)
+        save_model(model, cfg, ckpt, fold=False)
         save_optimizer(opt, optim_path, {"epoch": epoch, "best_epoch": best_epoch,
                                           "best_miou": best_miou, "history": history,
                                           "lr_scale": lr_scale})

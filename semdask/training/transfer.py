@@ -59,7 +59,7 @@ def _describe(arch: str, kwargs: dict[str, Any]) -> str:
 
 
 def set_encoder_frozen(model: Net, frozen: bool) -> None:
-    """Freeze (no gradients; ResUNet BatchNorm statistics kept) or unfreeze the encoder."""
+    """Freeze (no gradients, batch-norm statistics kept) or unfreeze the encoder."""
     if isinstance(model, ResUNet):
         _ = model.freeze_encoder() if frozen else model.unfreeze_encoder()
         return
@@ -67,6 +67,9 @@ def set_encoder_frozen(model: Net, frozen: bool) -> None:
     for name, p in model.named_parameters():
         if name.startswith(enc):
             p.requires_grad_(not frozen)
+    for name, m in model.named_modules():  # momentum 0: running statistics stay as loaded
+        if name.startswith(enc) and isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.0 if frozen else 0.1
 
 
 def _read(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -121,7 +124,8 @@ def load_pretrained(model: Net, path: str | os.PathLike[str]) -> list[str]:
                              "being trained", got=f"a {their_arch} model",
                              fix=f"train with --arch {their_arch}")
         enc, _ = transfer_prefixes(model)
-        tensors = {k: v for k, v in tensors.items() if k.startswith(enc)}
+        tensors = _with_norms({k: v for k, v in tensors.items() if k.startswith(enc)},
+                              model.state_dict())
     elif isinstance(model, ResUNet):  # ResUNet.save_encoder files, bare encoder states
         n = model.load_encoder(path)
         return [f"encoder.{k}" for k in list(model.encoder.state_dict())[:n]]
@@ -135,6 +139,27 @@ def load_pretrained(model: Net, path: str | os.PathLike[str]) -> list[str]:
                          "model)", got="a safetensors file without a semdask config",
                          fix="semdask pretrain STORES... --arch unet --out encoder.safetensors")
     return _load(model, tensors, path)
+
+
+def _with_norms(tensors: dict[str, torch.Tensor], want: dict[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+    """Tensors of a plain U-Net (a saved, folded model) for a U-Net with batch norms.
+
+    A conv bias the model lacks becomes the shift of the norm after it, whose other
+    tensors keep their initial values (scale 1, mean 0, variance 1): in eval mode the
+    function is unchanged up to ``1 / sqrt(1 + eps)``. Other tensors pass unchanged.
+    """
+    out = {}
+    for k, v in tensors.items():
+        norm = k.replace(".conv", ".norm")
+        if k.endswith(".bias") and k not in want and norm in want:
+            out[norm] = v
+        else:
+            out[k] = v
+    for k in {n.rsplit(".", 1)[0] for n in out if ".norm" in n}:
+        for leaf in ("weight", "running_mean", "running_var", "num_batches_tracked"):
+            out.setdefault(f"{k}.{leaf}", want[f"{k}.{leaf}"])
+    return out
 
 
 def _load(model: Net, tensors: dict[str, torch.Tensor], path: str | os.PathLike[str]
