@@ -24,8 +24,8 @@ run can be repeated from a terminal:
 4. pooled test scores over all test images (one confusion matrix of all their pixels,
    255 = ignore skipped): per-class IoU and Dice, mIoU (rare classes included), accuracy.
 
-Prints a results table and writes ``OUT/results.json`` (several configs or seeds:
-``OUT/<config>-s<seed>/results.json`` and ``OUT/summary.json``); ``--results-md FILE``
+Prints a results table and writes ``OUT/results.json`` (several configs, ``--seeds`` or
+``--reuse``: ``OUT/<config>-s<seed>/results.json`` and ``OUT/summary.json``); ``--results-md FILE``
 writes the table (per-class IoU, mIoU, accuracy, budget, wall time, spread over seeds)
 between the ``real-data-table`` markers of FILE. ``--reuse`` keeps the finished runs of an
 earlier (interrupted) call with the same budget; ``--collect`` only tabulates every finished
@@ -335,9 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.collect:
         results = collect(out, None if args.config in (None, ["all"]) else args.config)
     else:
+        nested = len(jobs) > 1 or args.seeds is not None or args.reuse
         results = [_reused(where, args) or run_one(d, c, s, args, where)
-                   for d, c, s in jobs
-                   for where in [out if len(jobs) == 1 else out / f"{c}-s{s}"]]
+                   for d, c, s in jobs for where in [out / f"{c}-s{s}" if nested else out]]
     table = summary_table(results)
     print("\n" + table)
     if len(results) > 1:

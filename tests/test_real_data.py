@@ -262,5 +262,8 @@ def test_example_reuses_finished_runs_and_collects_them(
     assert real_data.main(["--out", str(tmp_path), "--config", "EBC1", "Super1", "--seeds", "0",
                            "--budget", "10m", "--reuse"]) == 0
     assert capsys.readouterr().out.count("reusing ") == 2
+    assert real_data.main(["--out", str(tmp_path), "--config", "EBC1", "--seeds", "1",
+                           "--budget", "10m", "--reuse"]) == 0  # one run: same layout
+    assert "reusing " in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"no results\.json"):
         real_data.collect(tmp_path, ["EBC3"])
