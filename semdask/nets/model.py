@@ -200,11 +200,11 @@ def save_model(model: Net, config: ModelConfig, path: str | os.PathLike[str], *,
     from safetensors.torch import save_file
 
     path = Path(path)
-    if fold and isinstance(model, UNet):
-        model = model.folded()
     if path.suffix != ".safetensors":
         raise ModelError(str(path), expected="a .safetensors file name", got=path.suffix or
                          "no suffix", fix=f"use {path.with_suffix('.safetensors')}")
+    if fold and isinstance(model, UNet):
+        model = model.folded()
     if dict(config.kwargs) != model.kwargs() or config.architecture != _arch_of(model):
         config = config.model_copy(update={"kwargs": model.kwargs(),
                                            "architecture": _arch_of(model)})

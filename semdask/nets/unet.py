@@ -64,8 +64,9 @@ class UNet(nn.Module):
         must be multiples of ``2 ** (depth - 1)`` pixels.
     dropout : sequence of float
         Dropout per level (mirrored in the decoder).
-    norm : {None, "batch"}
-        Batch norm after every 3x3 convolution (training converges in fewer steps).
+    norm : {None, "none", "batch"}
+        Batch norm after every 3x3 convolution (training converges in fewer steps);
+        ``"none"`` is the same as None (the paper's net).
         :meth:`folded` merges them into the convolutions for inference, where a batch
         norm is a fixed per-channel affine map: the folded net is a plain U-Net.
     """
@@ -81,8 +82,9 @@ class UNet(nn.Module):
         if len(widths) < 1 or len(dropout) != len(widths) or min(widths) < 1:
             raise ModelError("UNet widths/dropout", expected="one positive width and one "
                              "dropout rate per level", got=f"widths={widths}, dropout={dropout}")
-        if norm not in (None, "batch"):
-            raise ModelError("UNet norm", expected="None or 'batch'", got=repr(norm))
+        if norm not in (None, "none", "batch"):
+            raise ModelError("UNet norm", expected="None, 'none' or 'batch'", got=repr(norm))
+        norm = None if norm == "none" else norm
         self.in_channels, self.n_classes = int(in_channels), int(n_classes)
         self.widths, self.dropout, self.norm = widths, dropout, norm
         cins = (self.in_channels, *widths[:-1])
@@ -115,9 +117,9 @@ class UNet(nn.Module):
     def folded(self) -> UNet:
         """The same function in eval mode as a plain U-Net: batch norms merged into convs.
 
-        ``w' = w * g / sqrt(var + eps)`` and ``b' = (b - mean) * g / sqrt(var + eps) + beta``
-        per output channel, from the running statistics (computed in float64). Returns
-        ``self`` when the net has no norms.
+        ``w' = w * g / sqrt(var + eps)`` and ``b' = beta - mean * g / sqrt(var + eps)`` (the
+        normed convolutions have no bias) per output channel, from the running statistics
+        (computed in float64). Returns ``self`` when the net has no norms.
 
         Examples
         --------
@@ -137,12 +139,11 @@ class UNet(nn.Module):
                 continue
             for i in (1, 2):
                 conv, bn = getattr(mod, f"conv{i}"), getattr(mod, f"norm{i}")
-                g = (bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps))
-                b = conv.bias.double() if conv.bias is not None else torch.zeros_like(g)
+                g = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
                 out[f"{name}.conv{i}.weight"] = (conv.weight.double() * g[:, None, None, None]
                                                  ).to(conv.weight.dtype)
-                out[f"{name}.conv{i}.bias"] = ((b - bn.running_mean.double()) * g
-                                               + bn.bias.double()).to(conv.weight.dtype)
+                out[f"{name}.conv{i}.bias"] = (bn.bias.double() - bn.running_mean.double() * g
+                                               ).to(conv.weight.dtype)  # normed convs: no bias
         plain.load_state_dict(out, strict=True)
         dev = next(self.parameters()).device
         return plain.to(dev).train(self.training)

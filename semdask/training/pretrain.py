@@ -198,7 +198,7 @@ def pretrain(stores: Sequence[str | os.PathLike[str]], out: str | os.PathLike[st
     kw = dict(arch_kwargs or {})
     kw.pop("n_classes", None)
     if arch == "unet":  # as train: batch norms unless asked otherwise
-        kw.setdefault("norm", None if norm in (None, "none") else norm)
+        kw.setdefault("norm", norm)
     model = build_model(ModelConfig.model_validate(
         {"architecture": arch, "classes": ["intensity"], "n_classes": 1,
          "kwargs": {**kw, "n_classes": 1}}))

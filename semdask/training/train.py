@@ -261,7 +261,7 @@ def _train_member(stores: Sequence[str | os.PathLike[str]], out: Path, o: Simple
     else:
         kw = dict(o.arch_kwargs or ({"widths": list(o.widths)} if o.arch == "unet" else {}))
         if o.arch == "unet":
-            kw.setdefault("norm", None if o.norm == "none" else str(o.norm))
+            kw.setdefault("norm", str(o.norm))
         model = build_model(ModelConfig(architecture=o.arch, classes=classes, n_classes=n_classes,
                                         kwargs={**kw, "n_classes": n_classes})).to(dev)
         if o.encoder_weights is not None:  # pretrained encoder (+ decoder); head stays random
