@@ -5,6 +5,7 @@
         --results-md docs/RESULTS.md          # the seven configs, two seeds, the table
     python examples/real_data.py --config all --seeds 0 1 --out runs/all --reuse  # resume
     python examples/real_data.py --out runs/all --collect --results-md docs/RESULTS.md
+    python examples/real_data.py --out runs/all --rescore --tta   # + segment --tta scores
     python examples/real_data.py --quick --data-root tests/data --out /tmp/rd   # CI: seconds
 
 Uses the NASA benchmark sets normalised in ``../shared/data`` (``<dataset>/images/<id>.png``
@@ -29,7 +30,8 @@ Prints a results table and writes ``OUT/results.json`` (several configs, ``--see
 writes the table (per-class IoU, mIoU, accuracy, budget, wall time, spread over seeds)
 between the ``real-data-table`` markers of FILE. ``--reuse`` keeps the finished runs of an
 earlier (interrupted) call with the same budget; ``--collect`` only tabulates every finished
-run under ``--out`` (of the ``--config`` names, when given).
+run under ``--out`` (of the ``--config`` names, when given); ``--rescore [--tta]`` segments
+their test stores again (with test-time flips: a table column of its own) without training.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def split_ids(meta: dict[str, Any], config: str, data: Path) -> tuple[dict[str, 
     return ids, used
 
 
-def pooled_scores(stores: list[Path], classes: list[str]) -> dict[str, Any]:
+def pooled_scores(stores: list[Path], classes: list[str], pred: str = "pred") -> dict[str, Any]:
     """Per-class IoU/Dice, mIoU and accuracy from one confusion matrix over all test stores.
 
     ``semdask.analysis.evaluate.evaluate_pairs`` (pooled counts, boundary F1, per-image rows) when
@@ -104,10 +106,10 @@ def pooled_scores(stores: list[Path], classes: list[str]) -> dict[str, Any]:
     except ImportError:
         cm = np.zeros((n, n), np.int64)
         for s in stores:
-            cm += np.asarray(confusion_matrix(open_labels(s, "pred").data,
+            cm += np.asarray(confusion_matrix(open_labels(s, pred).data,
                                               open_labels(s, "truth").data, n).compute())
     else:
-        pairs = [LabelPair(s.name.removesuffix(".ome.zarr"), open_labels(s, "pred").data,
+        pairs = [LabelPair(s.name.removesuffix(".ome.zarr"), open_labels(s, pred).data,
                            open_labels(s, "truth").data) for s in stores]
         ev = evaluate_pairs(pairs, classes=classes, overlay=False)
         cm = np.asarray(ev.pooled.confusion, np.int64)
@@ -233,6 +235,28 @@ def collect(out: Path, configs: list[str] | None) -> list[dict[str, Any]]:
     return sorted(runs, key=lambda r: (order.get(r["config"], 99), r["seed"]))
 
 
+def rescore(run: dict[str, Any], tta: bool) -> dict[str, Any]:
+    """Segment the test stores of a finished run again and score them (no training).
+
+    With ``tta`` (``segment --tta``) the scores go to ``test_tta`` (labels ``pred-tta``),
+    else they replace ``test``; ``results.json`` is rewritten.
+    """
+    model = Path(run["model"])
+    folder = model.parent / "stores" / "test"
+    stores = [folder / f"{i}.ome.zarr" for i in run["ids"]["test"]]
+    name, key = ("pred-tta", "test_tta") if tta else ("pred", "test")
+    t0 = time.perf_counter()
+    for s in stores:
+        semdask(["segment", str(s), "--model", str(model), "--name", name, "--no-cluster",
+                 "--overwrite", *(["--tta"] if tta else [])])
+    run[key] = pooled_scores(stores, list(run["test"]["classes"]), name)
+    run["seconds"][f"segment{'_tta' if tta else ''}"] = round(time.perf_counter() - t0, 1)
+    (model.parent / "results.json").write_text(json.dumps(run, indent=1))
+    print(f"{run['config']} seed {run['seed']}: test mIoU {run[key]['miou']:.4f}"
+          f"{' with --tta' if tta else ''}", flush=True)
+    return run
+
+
 def show_plan(dataset: str, config: str, args: argparse.Namespace, out: Path) -> None:
     """Convert the train split of ``config`` and print the recipe ``semdask train`` plans."""
     from semdask.training.config import TrainConfig
@@ -260,8 +284,10 @@ def _spread(values: list[float], digits: int = 3) -> str:
 
 def summary_table(results: list[dict[str, Any]]) -> str:
     """Markdown table: one row per config (mean ± sd over seeds), per-class IoU."""
+    tta = any("test_tta" in r for r in results)  # rescored with segment --tta
     rows = ["| config | seeds | budget | IoU per class (mean ± sd) | mIoU | accuracy | "
-            "training wall |", "|---|---|---|---|---|---|---|"]
+            "training wall |" + (" mIoU, segment --tta |" if tta else ""),
+            "|---|---|---|---|---|---|---|" + ("---|" if tta else "")]
     by: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         by.setdefault(r["config"], []).append(r)
@@ -275,6 +301,9 @@ def summary_table(results: list[dict[str, Any]]) -> str:
                     f"**{_spread([r['test']['miou'] for r in rs])}** | "
                     f"{_spread([100 * r['test']['accuracy'] for r in rs], 1)} % | "
                     f"{statistics.fmean(wall):.0f} s |")
+        if tta:
+            with_tta = [r["test_tta"]["miou"] for r in rs if "test_tta" in r]
+            rows[-1] += f" {_spread(with_tta) if with_tta else '-'} |"
     return "\n".join(rows)
 
 
@@ -318,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="Keep runs already finished under --out with the same budget.")
     ap.add_argument("--collect", action="store_true",
                     help="Run nothing: tabulate the finished runs under --out.")
+    ap.add_argument("--rescore", action="store_true",
+                    help="Train nothing: segment the test stores of the finished runs under "
+                    "--out again and score them (with --tta: an extra column).")
     ap.add_argument("--plan-only", action="store_true",
                     help="Only print the planned recipe of each config's train split.")
     args = ap.parse_args(argv)
@@ -332,8 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         for d, c in dict.fromkeys((d, c) for d, c, _ in jobs):
             show_plan(d, c, args, out / c)
         return 0
-    if args.collect:
+    if args.collect or args.rescore:
         results = collect(out, None if args.config in (None, ["all"]) else args.config)
+        results = [rescore(r, args.tta) for r in results] if args.rescore else results
     else:
         nested = len(jobs) > 1 or args.seeds is not None or args.reuse
         results = [_reused(where, args) or run_one(d, c, s, args, where)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -255,3 +256,27 @@ def test_wall_time_budget_is_respected_within_10_percent(thin: list[Path],
     assert 27.0 <= wall <= 33.0, (wall, len(r.history))
     assert r.history and r.plan is not None and r.plan.budget_s == 30.0
     assert r.plan.epochs is not None and 1 <= len(r.history) <= r.plan.epochs  # refitted
+
+
+def test_a_slow_first_epoch_does_not_shorten_the_budget(thin: list[Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the first epoch pays one-off costs (here 4 s more in its validation); the schedule is
+    # refitted on the later epochs, so the run still fills its budget (it used to end at
+    # about half of it: the first epoch alone set the number of epochs)
+    import semdask.training.train as tr
+
+    real, calls = tr.evaluate, []
+
+    def slow_once(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:  # 1: the budget's timing batch, 2: the first epoch's validation
+            time.sleep(4.0)
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr, "evaluate", slow_once)
+    t = time.perf_counter()
+    r = train(thin, tmp_path / "s.safetensors", budget=20, widths=TINY, window=64,
+              batch_size=2, val_window=64)
+    wall = time.perf_counter() - t
+    assert 17.0 <= wall <= 23.0, (wall, [h["seconds"] for h in r.history])
+    assert r.plan is not None and r.plan.epochs == len(r.history) > 3

@@ -176,18 +176,27 @@ def test_training_on_real_stores_lowers_the_loss(stores: list[Path], tmp_path: P
 # ------------------------------------------------------------------ the example
 
 
-def test_example_quick_run_writes_results(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, str(REPO / "examples" / "real_data.py"), "--quick",
-                        "--data-root", str(REPO / "tests" / "data"), "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
+def test_example_quick_run_writes_results_and_rescores(tmp_path: Path) -> None:
+    example = [sys.executable, str(REPO / "examples" / "real_data.py"), "--out", str(tmp_path)]
+    r = subprocess.run([*example, "--quick", "--data-root", str(REPO / "tests" / "data"),
+                        "--seeds", "0"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    res = json.loads((tmp_path / "results.json").read_text())
+    res = json.loads((tmp_path / "Super1-s0" / "results.json").read_text())
     assert set(res["test"]["classes"]) == set(META["classes"])
     assert res["test"]["pixels"] == 512 * 512
     assert 0.0 <= res["test"]["miou"] <= 1.0 and 0.0 <= res["test"]["accuracy"] <= 1.0
     assert res["ids"]["test"] == META["splits"]["test"]
     assert any(c.startswith("semdask -v train") for c in res["commands"])
     assert "mIoU" in r.stdout and "tertiary gamma-prime" in r.stdout
+    # --rescore --tta: segment the test store again with test-time flips, no training
+    r = subprocess.run([*example, "--rescore", "--tta"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    again = json.loads((tmp_path / "Super1-s0" / "results.json").read_text())
+    assert again["test"] == res["test"] and again["train_history"] == res["train_history"]
+    assert again["test_tta"]["pixels"] == 512 * 512
+    assert 0.0 <= again["test_tta"]["miou"] <= 1.0
+    assert "mIoU, segment --tta" in r.stdout and "-v train" not in r.stdout
 
 
 def test_example_summary_table_and_results_markdown(tmp_path: Path) -> None:

@@ -150,6 +150,7 @@ def test_train_writes_outputs_and_resumes(stores, tmp_path) -> None:
     assert cfg.classes == list(PHASES) and cfg.provenance["epoch"] == 1
     assert "norm" not in cfg.kwargs  # batch norms (the default) folded into the model file
     assert load_model(r.checkpoint)[1].kwargs["norm"] == "batch"  # kept for resuming
+    assert cfg.kwargs["dropout"] == [0.0] * len(TINY)  # no dropout with batch norms
     assert cfg.window == 256 and cfg.pixel_size_um == pytest.approx(0.04458)
     r2 = train(stores, out, window=32, epochs=3, steps_per_epoch=3, batch_size=2, seed=1,
                widths=(8, 8), val_window=32, resume=r.checkpoint)
@@ -265,6 +266,11 @@ def test_train_early_stopping(stores, tmp_path) -> None:
               loss="ce", norm="none")
     # lr 0 and no batch-norm statistics to update: the validation mIoU never improves
     assert r.stopped_early and [h["epoch"] for h in r.history] == [1, 2]
+    # without norms the paper's net: its dropout rates by level; --dropout sets every block
+    assert load_model(r.checkpoint)[1].kwargs["dropout"] == [0.1, 0.1, 0.2]
+    r = train(stores, tmp_path / "d.safetensors", window=32, epochs=1, steps_per_epoch=1,
+              batch_size=1, widths=TINY, val_window=32, dropout=0.25)
+    assert load_model(r.model_path)[1].kwargs["dropout"] == [0.25] * len(TINY)
 
 
 def test_train_ensemble_members(stores, tmp_path) -> None:

@@ -207,6 +207,9 @@ def convert_cmd(inputs: tuple[Path, ...], out: Path, pixel_size: float | None,
 @click.option("--norm", type=click.Choice(_tchoices(Norm)), default=None,
               help="U-Net: batch norm after each convolution (folded into the saved model), "
               "or none as in the paper [batch].")
+@click.option("--dropout", type=float, default=None, metavar="P",
+              help="U-Net dropout rate in every block [0 with --norm batch; the paper's "
+              "0.1-0.3 by level with --norm none].")
 @click.option("--loss", type=click.Choice(_tchoices(Loss)), default=None,
               help="ce+dice is 0.6 CE + 0.4 soft Dice over the batch (--dice-weight) [ce+dice].")
 @click.option("--dice-weight", "dice_weight", type=float, default=None, help="[0.4]")

@@ -31,7 +31,7 @@ from semdask.errors import InputError
 
 __all__ = ["PLANNED", "Arch", "Augment", "ClassWeights", "Loss", "Norm", "Optimizer",
            "Sampling", "Schedule", "Split", "TrainConfig", "choices", "config_error",
-           "parse_budget"]
+           "parse_budget", "unet_dropout"]
 
 
 class Arch(enum.StrEnum):
@@ -157,7 +157,8 @@ class TrainConfig(BaseModel):
       constant), ``optimizer`` (adam, adamw), ``weight_decay`` (0 / 0.01);
     - ``arch`` (unet, resunet), ``arch_kwargs``, ``widths`` and ``norm`` (U-Net: batch norms
       train in fewer steps and are folded into the convolutions of the saved model; none
-      is the paper's net), ``encoder_weights``
+      is the paper's net), ``dropout`` (U-Net, every block: default 0 with batch norms,
+      the paper's 0.1-0.3 by level without; :func:`unet_dropout`), ``encoder_weights``
       and ``freeze_encoder_epochs`` (transfer learning, e.g. from ``semdask pretrain``);
     - ``loss`` (ce; ce+dice = ``(1 - dice_weight) CE + dice_weight (1 - Dice)``, Dice
       pooled over the whole batch and averaged over all classes; focal),
@@ -193,6 +194,7 @@ class TrainConfig(BaseModel):
     resume: Path | None = None
     widths: tuple[int, ...] = (16, 32, 64, 128, 256)
     norm: Norm = Norm.BATCH
+    dropout: float | None = Field(default=None, ge=0, lt=1)
     val_window: int | None = Field(default=None, ge=16, multiple_of=16)
     infer_window: int = Field(default=256, ge=16, multiple_of=16)
     low_percentile: float = Field(default=0.5, ge=0, le=100)
@@ -276,6 +278,28 @@ class TrainConfig(BaseModel):
             raise InputError(str(path), expected="a YAML mapping of training parameters",
                              got=type(data).__name__)
         return cls.from_kwargs(**data)
+
+
+def unet_dropout(depth: int, *, norm: str, dropout: float | None = None) -> tuple[float, ...]:
+    """Dropout rate of each of ``depth`` U-Net levels, shallowest first.
+
+    ``dropout`` in every level when given; else none with batch norms (they regularise;
+    with them the paper's dropout cost mIoU on NASA data within a 10-minute budget,
+    docs/RESULTS.md) and the paper's rates (:data:`semdask.nets.unet.DEFAULT_DROPOUT`)
+    without norms.
+
+    >>> unet_dropout(5, norm="batch"), unet_dropout(3, norm="batch", dropout=0.1)
+    ((0.0, 0.0, 0.0, 0.0, 0.0), (0.1, 0.1, 0.1))
+    >>> unet_dropout(6, norm="none")
+    (0.1, 0.1, 0.2, 0.2, 0.3, 0.3)
+    """
+    from semdask.nets.unet import DEFAULT_DROPOUT  # torch: imported when needed
+
+    if dropout is not None:
+        return (float(dropout),) * depth
+    if Norm(norm) == Norm.NONE:
+        return (DEFAULT_DROPOUT + (DEFAULT_DROPOUT[-1],) * depth)[:depth]
+    return (0.0,) * depth
 
 
 def config_error(err: ValidationError) -> InputError:

@@ -7,13 +7,11 @@ focal loss from :mod:`semdask.training.losses`, optional class and per-pixel wei
 autocast on CUDA); then validation on a grid over the held-out part of the split
 (a band, whole stores or blocks, with a guard gap), one log line, one row of
 ``<out>.metrics.csv`` and TensorBoard scalars (``tensorboard``). Validation mIoU
-comes from a confusion matrix pooled over all validation windows, ignoring
-unlabelled pixels. The best model (validation mIoU) is written to ``out``; the last
-epoch to ``<out>.last.safetensors`` with the optimizer state in
-``<out>.last.optim.safetensors`` (tensors) — nothing is pickled. Pass the
-``.last.safetensors`` path as ``resume`` to continue. ``patience`` stops early;
-``ensemble=M`` trains M members (seed + i, validation fold + i) to
-``<stem>-m<i>.safetensors``.
+comes from a confusion matrix pooled over all validation windows, ignoring unlabelled
+pixels. The best model (validation mIoU) is written to ``out``; the last epoch to
+``<out>.last.safetensors``, optimizer state in ``<out>.last.optim.safetensors`` (tensors,
+nothing pickled; pass the ``.last.safetensors`` path as ``resume`` to continue).
+``patience`` stops early; ``ensemble=M`` trains M members (seed + i, fold + i).
 """
 
 from __future__ import annotations
@@ -48,7 +46,7 @@ from semdask.training.checkpoint import (
     member_paths,
     save_optimizer,
 )
-from semdask.training.config import PLANNED, TrainConfig
+from semdask.training.config import PLANNED, TrainConfig, unet_dropout
 from semdask.training.dataset import IGNORE_INDEX, PatchDataset
 from semdask.training.engine import TrainStep, cpu_allocator, keep_update_kernel, make_optimizer
 from semdask.training.losses import build_loss, class_weights_from_counts
@@ -95,11 +93,8 @@ def _loader_workers(n: int | None, dev: torch.device) -> int:
 
 
 def _loader_context(dev: torch.device) -> str:
-    """How loader processes start: fork on the CPU (fast); forkserver once CUDA runs here.
-
-    Forking a process that holds CUDA and pin-memory threads can deadlock the child;
-    the fork server is a clean process forked before any of that.
-    """
+    """How loader processes start: fork on the CPU (fast); forkserver once CUDA runs here
+    (forking a process that holds CUDA and pin-memory threads can deadlock the child)."""
     if os.name == "nt":  # pragma: no cover - no fork on Windows
         return "spawn"
     return "forkserver" if dev.type == "cuda" else "fork"
@@ -260,8 +255,10 @@ def _train_member(stores: Sequence[str | os.PathLike[str]], out: Path, o: Simple
                              got=f"{rconf.n_classes}")
     else:
         kw = dict(o.arch_kwargs or ({"widths": list(o.widths)} if o.arch == "unet" else {}))
-        if o.arch == "unet":
+        if o.arch == "unet":  # batch norms and no dropout unless asked otherwise
             kw.setdefault("norm", str(o.norm))
+            kw.setdefault("dropout", list(unet_dropout(len(kw.get("widths", o.widths)),
+                                                       norm=kw["norm"], dropout=o.dropout)))
         model = build_model(ModelConfig(architecture=o.arch, classes=classes, n_classes=n_classes,
                                         kwargs={**kw, "n_classes": n_classes})).to(dev)
         if o.encoder_weights is not None:  # pretrained encoder (+ decoder); head stays random
@@ -314,8 +311,9 @@ def _train_member(stores: Sequence[str | os.PathLike[str]], out: Path, o: Simple
             **config.provenance, "epochs": o.epochs, "steps_per_epoch": o.steps_per_epoch}})
     writer = _tensorboard(o.tensorboard, out, len(member_paths(out, o.ensemble)) > 1)
     stopped, total, epoch_s = False, o.epochs * o.steps_per_epoch, 0.0
+    times: list[float] = []  # epoch wall times
     for epoch in itertools.count(start):
-        if epoch > o.epochs:  # o.epochs may be refitted to a budget after the first epoch
+        if epoch > o.epochs:  # o.epochs is refitted to a budget after every epoch
             break
         if o.patience is not None and best_epoch and epoch - 1 - best_epoch >= o.patience:
             stopped = True
@@ -346,8 +344,7 @@ def _train_member(stores: Sequence[str | os.PathLike[str]], out: Path, o: Simple
         scores = scores_from_confusion(evaluate(model, vloader, n_classes, dev, amp=o.amp),
                                        classes)
         row = {"epoch": epoch, "train_loss": float(torch.stack(losses).double().mean()),
-               "lr": lr_now,
-               "val_accuracy": scores["accuracy"], "val_miou": scores["miou"],
+               "lr": lr_now, "val_accuracy": scores["accuracy"], "val_miou": scores["miou"],
                **{f"iou_{c}": scores["iou"].get(c, math.nan) for c in classes},
                "seconds": round(time.perf_counter() - te, 2)}
         history.append(row)
@@ -374,8 +371,9 @@ def _train_member(stores: Sequence[str | os.PathLike[str]], out: Path, o: Simple
                                           "best_miou": best_miou, "history": history,
                                           "lr_scale": lr_scale})
         epoch_s = time.perf_counter() - te
-        if o.deadline is not None and epoch == start:
-            total = _refit(o, epoch, epoch_s)
+        times.append(epoch_s)  # the first epoch pays warm-ups: refit on the later ones
+        if o.deadline is not None:
+            total = _refit(o, epoch, float(np.median(times[1:] or times)))
     if writer is not None:
         writer.close()
     if not out.exists():  # resumed after the last epoch: keep the checkpoint as the model
@@ -397,7 +395,7 @@ def _tensorboard(logdir: str | os.PathLike[str] | None, out: Path, several: bool
 
 
 def _refit(o: SimpleNamespace, epoch: int, epoch_s: float) -> int:
-    """Epochs that fit the deadline at the measured epoch time; the new total of steps."""
+    """Epochs that fit the deadline at a typical epoch time; the new total of steps."""
     fit = epoch + max(0, int((o.deadline - time.perf_counter()) // max(epoch_s, 1e-6)))
     given = o.plan_record["reasons"].get("epochs") == "given"
     o.epochs = min(fit, o.epochs) if given else fit
