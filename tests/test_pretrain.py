@@ -123,6 +123,9 @@ def test_encoder_round_trips_into_train(encoder, stores, tmp_path) -> None:
     state = net.state_dict()
     assert all(torch.equal(state[k], file[k]) for k in names)
     assert torch.equal(net.head.weight, head)  # the head stays as initialised
+    # dropout has no weights: a net with other dropout rates takes the same encoder
+    other_dropout = UNet(widths=TINY["widths"], n_classes=4, norm="batch", dropout=(0.3, 0.3))
+    assert load_pretrained(other_dropout, encoder.path) == names
     # through train: the encoder is frozen in epoch 1, so it must equal the file exactly
     r = train([stores[1]], tmp_path / "m.safetensors", widths=tuple(TINY["widths"]), window=32,
               epochs=1, steps_per_epoch=2, batch_size=2, plan=False,

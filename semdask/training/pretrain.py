@@ -51,10 +51,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from semdask.errors import InputError
-from semdask.nets.model import ModelConfig, Net, build_model, tensors_hash
+from semdask.nets.model import DEFAULT_WIDTHS, ModelConfig, Net, build_model, tensors_hash
 from semdask.nets.runtime import resolve_device
 from semdask.progress import Progress
-from semdask.training.config import parse_budget
+from semdask.training.config import parse_budget, unet_dropout
 from semdask.training.dataset import PatchDataset
 from semdask.training.engine import cpu_allocator, make_optimizer
 from semdask.training.planning import lr_at
@@ -197,8 +197,10 @@ def pretrain(stores: Sequence[str | os.PathLike[str]], out: str | os.PathLike[st
     torch.manual_seed(seed)  # the initial weights too
     kw = dict(arch_kwargs or {})
     kw.pop("n_classes", None)
-    if arch == "unet":  # as train: batch norms unless asked otherwise
+    if arch == "unet":  # as train: batch norms (and then no dropout) unless asked otherwise
         kw.setdefault("norm", norm)
+        kw.setdefault("dropout", list(unet_dropout(len(kw.get("widths", DEFAULT_WIDTHS)),
+                                                   norm=kw["norm"] or "none")))
     model = build_model(ModelConfig.model_validate(
         {"architecture": arch, "classes": ["intensity"], "n_classes": 1,
          "kwargs": {**kw, "n_classes": 1}}))

@@ -99,10 +99,11 @@ def load_pretrained(model: Net, path: str | os.PathLike[str]) -> list[str]:
 
     tensors, meta = _read(path)
     arch = _arch_of(model)
-    mine = {k: v for k, v in model.kwargs().items() if k != "n_classes"}
+    free = ("n_classes", "dropout")  # the head is not loaded; dropout has no weights
+    mine = {k: v for k, v in model.kwargs().items() if k not in free}
     if PRETRAIN_KEY in meta:
         cfg = json.loads(meta[PRETRAIN_KEY])
-        theirs = {k: v for k, v in cfg.get("kwargs", {}).items() if k != "n_classes"}
+        theirs = {k: v for k, v in cfg.get("kwargs", {}).items() if k not in free}
         their_arch = str(cfg.get("architecture", "?"))
         if their_arch != arch or theirs != mine:
             raise ModelError(f"{path} (pretrained weights)",
