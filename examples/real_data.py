@@ -181,8 +181,7 @@ def run_one(dataset: str, config: str, seed: int, args: argparse.Namespace,
 
     # 3. segment the test stores with the best model
     for s in stores["test"]:
-        run("segment", ["segment", str(s), "--model", str(model), "--name", "pred",
-                        "--no-cluster", "--overwrite", *(["--tta"] if args.tta else [])])
+        run("segment", segment_args(s, model, "pred", args.tta))
 
     # 4. pooled test scores
     t0 = time.perf_counter()
@@ -235,6 +234,12 @@ def collect(out: Path, configs: list[str] | None) -> list[dict[str, Any]]:
     return sorted(runs, key=lambda r: (order.get(r["config"], 99), r["seed"]))
 
 
+def segment_args(store: Path, model: Path, name: str, tta: bool) -> list[str]:
+    """``semdask segment`` of one test store into ``labels/<name>`` (in this process)."""
+    return ["segment", str(store), "--model", str(model), "--name", name, "--no-cluster",
+            "--overwrite", *(["--tta"] if tta else [])]
+
+
 def rescore(run: dict[str, Any], tta: bool) -> dict[str, Any]:
     """Segment the test stores of a finished run again and score them (no training).
 
@@ -247,8 +252,7 @@ def rescore(run: dict[str, Any], tta: bool) -> dict[str, Any]:
     name, key = ("pred-tta", "test_tta") if tta else ("pred", "test")
     t0 = time.perf_counter()
     for s in stores:
-        semdask(["segment", str(s), "--model", str(model), "--name", name, "--no-cluster",
-                 "--overwrite", *(["--tta"] if tta else [])])
+        semdask(segment_args(s, model, name, tta))
     run[key] = pooled_scores(stores, list(run["test"]["classes"]), name)
     run["seconds"][f"segment{'_tta' if tta else ''}"] = round(time.perf_counter() - t0, 1)
     (model.parent / "results.json").write_text(json.dumps(run, indent=1))

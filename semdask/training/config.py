@@ -31,7 +31,7 @@ from semdask.errors import InputError
 
 __all__ = ["PLANNED", "Arch", "Augment", "ClassWeights", "Loss", "Norm", "Optimizer",
            "Sampling", "Schedule", "Split", "TrainConfig", "choices", "config_error",
-           "parse_budget", "unet_dropout"]
+           "parse_budget", "unet_kwargs"]
 
 
 class Arch(enum.StrEnum):
@@ -158,7 +158,7 @@ class TrainConfig(BaseModel):
     - ``arch`` (unet, resunet), ``arch_kwargs``, ``widths`` and ``norm`` (U-Net: batch norms
       train in fewer steps and are folded into the convolutions of the saved model; none
       is the paper's net), ``dropout`` (U-Net, every block: default 0 with batch norms,
-      the paper's 0.1-0.3 by level without; :func:`unet_dropout`), ``encoder_weights``
+      the paper's 0.1-0.3 by level without; :func:`unet_kwargs`), ``encoder_weights``
       and ``freeze_encoder_epochs`` (transfer learning, e.g. from ``semdask pretrain``);
     - ``loss`` (ce; ce+dice = ``(1 - dice_weight) CE + dice_weight (1 - Dice)``, Dice
       pooled over the whole batch and averaged over all classes; focal),
@@ -280,26 +280,38 @@ class TrainConfig(BaseModel):
         return cls.from_kwargs(**data)
 
 
-def unet_dropout(depth: int, *, norm: str, dropout: float | None = None) -> tuple[float, ...]:
-    """Dropout rate of each of ``depth`` U-Net levels, shallowest first.
+def unet_kwargs(kw: dict[str, Any], *, norm: str | None,
+                dropout: float | None = None) -> dict[str, Any]:
+    """U-Net constructor arguments ``kw`` with ``norm`` and the dropout rates filled in.
 
-    ``dropout`` in every level when given; else none with batch norms (they regularise;
-    with them the paper's dropout cost mIoU on NASA data within a 10-minute budget,
-    docs/RESULTS.md) and the paper's rates (:data:`semdask.nets.unet.DEFAULT_DROPOUT`)
-    without norms.
+    Values already in ``kw`` (e.g. ``arch_kwargs``) win. Dropout: ``dropout`` in every
+    level when given; else none with batch norms (they regularise; with them the paper's
+    dropout cost mIoU on NASA data within a 10-minute budget, docs/RESULTS.md) and the
+    paper's rates (:data:`semdask.nets.unet.DEFAULT_DROPOUT`) without norms. Train and
+    pretrain build their U-Nets through this, so encoders fit.
 
-    >>> unet_dropout(5, norm="batch"), unet_dropout(3, norm="batch", dropout=0.1)
-    ((0.0, 0.0, 0.0, 0.0, 0.0), (0.1, 0.1, 0.1))
-    >>> unet_dropout(6, norm="none")
-    (0.1, 0.1, 0.2, 0.2, 0.3, 0.3)
+    >>> unet_kwargs({"widths": [8, 16, 32]}, norm="batch")
+    {'widths': [8, 16, 32], 'norm': 'batch', 'dropout': [0.0, 0.0, 0.0]}
+    >>> unet_kwargs({"widths": [8, 16, 32]}, norm="batch", dropout=0.1)["dropout"]
+    [0.1, 0.1, 0.1]
+    >>> unet_kwargs({"widths": [8] * 6}, norm="none")["dropout"]
+    [0.1, 0.1, 0.2, 0.2, 0.3, 0.3]
+    >>> unet_kwargs({"dropout": [0.5] * 5}, norm=None)  # given values win
+    {'dropout': [0.5, 0.5, 0.5, 0.5, 0.5], 'norm': None}
     """
-    from semdask.nets.unet import DEFAULT_DROPOUT  # torch: imported when needed
+    from semdask.nets.unet import DEFAULT_DROPOUT, DEFAULT_WIDTHS  # torch: when needed
 
+    out = dict(kw)
+    out.setdefault("norm", norm)
+    depth = len(out.get("widths", DEFAULT_WIDTHS))
     if dropout is not None:
-        return (float(dropout),) * depth
-    if Norm(norm) == Norm.NONE:
-        return (DEFAULT_DROPOUT + (DEFAULT_DROPOUT[-1],) * depth)[:depth]
-    return (0.0,) * depth
+        rates = (float(dropout),) * depth
+    elif Norm(out["norm"] or "none") == Norm.NONE:
+        rates = (DEFAULT_DROPOUT + (DEFAULT_DROPOUT[-1],) * depth)[:depth]
+    else:
+        rates = (0.0,) * depth
+    out.setdefault("dropout", list(rates))
+    return out
 
 
 def config_error(err: ValidationError) -> InputError:

@@ -51,10 +51,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from semdask.errors import InputError
-from semdask.nets.model import DEFAULT_WIDTHS, ModelConfig, Net, build_model, tensors_hash
+from semdask.nets.model import ModelConfig, Net, build_model, tensors_hash
 from semdask.nets.runtime import resolve_device
 from semdask.progress import Progress
-from semdask.training.config import parse_budget, unet_dropout
+from semdask.training.config import parse_budget, unet_kwargs
 from semdask.training.dataset import PatchDataset
 from semdask.training.engine import cpu_allocator, make_optimizer
 from semdask.training.planning import lr_at
@@ -198,9 +198,7 @@ def pretrain(stores: Sequence[str | os.PathLike[str]], out: str | os.PathLike[st
     kw = dict(arch_kwargs or {})
     kw.pop("n_classes", None)
     if arch == "unet":  # as train: batch norms (and then no dropout) unless asked otherwise
-        kw.setdefault("norm", norm)
-        kw.setdefault("dropout", list(unet_dropout(len(kw.get("widths", DEFAULT_WIDTHS)),
-                                                   norm=kw["norm"] or "none")))
+        kw = unet_kwargs(kw, norm=norm)
     model = build_model(ModelConfig.model_validate(
         {"architecture": arch, "classes": ["intensity"], "n_classes": 1,
          "kwargs": {**kw, "n_classes": 1}}))

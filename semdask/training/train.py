@@ -46,7 +46,7 @@ from semdask.training.checkpoint import (
     member_paths,
     save_optimizer,
 )
-from semdask.training.config import PLANNED, TrainConfig, unet_dropout
+from semdask.training.config import PLANNED, TrainConfig, unet_kwargs
 from semdask.training.dataset import IGNORE_INDEX, PatchDataset
 from semdask.training.engine import TrainStep, cpu_allocator, keep_update_kernel, make_optimizer
 from semdask.training.losses import build_loss, class_weights_from_counts
@@ -256,9 +256,7 @@ def _train_member(stores: Sequence[str | os.PathLike[str]], out: Path, o: Simple
     else:
         kw = dict(o.arch_kwargs or ({"widths": list(o.widths)} if o.arch == "unet" else {}))
         if o.arch == "unet":  # batch norms and no dropout unless asked otherwise
-            kw.setdefault("norm", str(o.norm))
-            kw.setdefault("dropout", list(unet_dropout(len(kw.get("widths", o.widths)),
-                                                       norm=kw["norm"], dropout=o.dropout)))
+            kw = unet_kwargs(kw, norm=str(o.norm), dropout=o.dropout)
         model = build_model(ModelConfig(architecture=o.arch, classes=classes, n_classes=n_classes,
                                         kwargs={**kw, "n_classes": n_classes})).to(dev)
         if o.encoder_weights is not None:  # pretrained encoder (+ decoder); head stays random
