@@ -1,6 +1,6 @@
 """``python -m semdask``: the command-line interface."""
 
-from semdask.cli.main import main
+from semdask.cli.main import run
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    run()

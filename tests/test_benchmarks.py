@@ -93,3 +93,12 @@ def test_subtile_benchmark_is_exact_and_prints_throughput() -> None:
     diffs = [float(v) for v in re.findall(r"max \|logit diff\| ([\d.e+-]+)", out)]
     assert diffs and max(diffs) < 1e-4, out
     assert re.search(r"^ +32: +[\d.]+ CPU-s .* [\d.]+ core MPix per CPU-s$", out, re.M), out
+
+
+def test_before_after_benchmark_times_both_trees_and_compares_labels() -> None:
+    out = _run("segment_ab.py", "--before", str(ROOT), "--shape", "256", "--repeats", "1")
+    assert re.search(r"256² pair 1: before +[\d.]+ s +after +[\d.]+ s", out), out
+    row = re.search(r"256² median before ([\d.]+) s, after ([\d.]+) s: ([\d.]+)x; "
+                    r"labels identical: (True|False)", out)
+    assert row and float(row.group(3)) > 0, out
+    assert row.group(4) == "True", out  # the same tree on both sides: the same labels

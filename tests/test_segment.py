@@ -112,6 +112,58 @@ def test_failed_run_leaves_incomplete_output(mosaic: Path, model_file: Path,
         sio.open_labels(mosaic, "phases")
 
 
+def test_image_copy_beside_the_blocks_never_outlives_the_run(
+        mosaic: Path, model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--output: the copy's pixels are written beside the blocks; a failed copy fails the
+    run (labels incomplete), and a failed run waits for the copy before its lock goes."""
+    import threading
+    import time
+
+    import semdask.inference.graph as infer
+    from semdask.inference import segment as seg
+    from semdask.storage.lock import lock_path
+
+    real = sio.begin_image
+    threads: list[str] = []
+
+    def failing(*a, **k):
+        real(*a, **k)
+
+        def fill():
+            threads.append(threading.current_thread().name)
+            raise OSError(28, "No space left on device")
+        return fill
+
+    monkeypatch.setattr(seg.sio, "begin_image", failing)
+    out = tmp_path / "o1.ome.zarr"
+    with pytest.raises(OSError, match="No space"):
+        segment(mosaic, model=model_file, output=out, chunk=128, progress=False)
+    assert threads and threads[0].startswith("semdask-copy")
+    with pytest.raises(IncompleteOutputError):
+        sio.open_labels(out, "phases")
+    assert not lock_path(out).exists()
+
+    def slow(*a, **k):
+        fill = real(*a, **k)
+
+        def later():
+            time.sleep(0.5)  # still writing when the blocks fail
+            return fill()
+        return later
+
+    def boom(*a, **k):
+        raise RuntimeError("worker died")
+
+    monkeypatch.setattr(seg.sio, "begin_image", slow)
+    monkeypatch.setattr(infer, "_chunk_task", boom)
+    out = tmp_path / "o2.ome.zarr"
+    with pytest.raises(RuntimeError, match="worker died"):
+        segment(mosaic, model=model_file, output=out, chunk=128, progress=False)
+    assert not lock_path(out).exists()
+    np.testing.assert_array_equal(sio.open_mosaic(out).image.compute(),  # finished first
+                                  sio.open_mosaic(mosaic).image.compute())
+
+
 def test_cli_bad_inputs_exit_nonzero(tmp_path: Path, mosaic: Path, model_file: Path) -> None:
     run = CliRunner().invoke
     r = run(main, ["segment", str(tmp_path / "missing.ome.zarr"), "--no-cluster"])

@@ -113,3 +113,37 @@ def test_tiled_unet_with_unfolded_norms_equals_untiled_forward() -> None:
         folded = tiled_forward(net.folded(), x, core=core, halo=halo, tile=32)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(folded, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_subtile_pool_shares_sub_tiles_and_keeps_the_result(unet5: UNet,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks inside subtile_pool run their sub-tiles on the pool's threads; same numbers."""
+    import threading
+
+    from semdask.inference import tiled
+
+    halo = receptive_field_halo(unet5.receptive_field())
+    core = (halo, halo + 96, halo, halo + 144)
+    x = _block(96 + 2 * halo, 144 + 2 * halo, seed=6)
+    seen: set[str] = set()
+    real = tiled.unet_core_forward
+
+    def spy(*a: object, **k: object) -> torch.Tensor:
+        seen.add(threading.current_thread().name)
+        return real(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tiled, "unet_core_forward", spy)
+    with torch.inference_mode():
+        alone = tiled_forward(unet5, x, core=core, halo=halo, tile=48)
+        assert seen == {threading.current_thread().name}
+        seen.clear()
+        with tiled.subtile_pool(2):
+            pooled = tiled_forward(unet5, x, core=core, halo=halo, tile=48)
+            assert tiled._POOL is not None
+        assert tiled._POOL is None
+    assert seen and all(n.startswith("semdask-subtile") for n in seen)
+    assert torch.equal(pooled, alone)
+    seen.clear()
+    with tiled.subtile_pool(2):  # autograd on: the caller's thread, as without the pool
+        tiled_forward(unet5, x, core=core, halo=halo, tile=48)
+    assert seen == {threading.current_thread().name}

@@ -18,10 +18,26 @@ import click
 from semdask.errors import SemdaskError
 
 __all__ = ["announce", "client_for", "cluster_options", "handle_errors", "positive",
-           "writable_dir", "writable_file"]
+           "skip_teardown", "teardown_skipped", "writable_dir", "writable_file"]
 
 log = logging.getLogger("semdask")
 _LOOPBACK = ("127.", "localhost", "::1")
+_SKIP_TEARDOWN = False
+
+
+def skip_teardown() -> None:
+    """Let :func:`semdask.cli.main.run` end the process without the interpreter's teardown.
+
+    Call it only when the command's outputs are written, closed and their locks released,
+    and it started no process or thread that outlives it (e.g. ``segment`` in-process).
+    """
+    global _SKIP_TEARDOWN
+    _SKIP_TEARDOWN = True
+
+
+def teardown_skipped() -> bool:
+    """Whether the command that ran asked for :func:`skip_teardown`."""
+    return _SKIP_TEARDOWN
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -29,7 +29,7 @@ from semdask.training.config import (
 )
 from semdask.training.config import choices as _tchoices
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 log = logging.getLogger("semdask")
 
@@ -54,6 +54,32 @@ def main(verbose: int, quiet: bool) -> None:
     dask.config.set({"logging.distributed": chatter})
     for name in ("distributed", "bokeh", "tornado"):
         logging.getLogger(name).setLevel(chatter.upper())
+
+
+def run() -> None:
+    """Console entry point (``semdask``, ``python -m semdask``): :func:`main`, then exit.
+
+    After a command that succeeded and asked for it
+    (:func:`semdask.cli.common.skip_teardown`: an in-process ``segment``, whose outputs are
+    complete and whose lock is released by then) the process ends with ``os._exit(0)``
+    once the logs and standard streams are flushed: the interpreter's teardown would add
+    ~0.3 s (torch de-registers its operators) to a command of a few seconds. Failures and
+    every other command exit the usual way.
+    """
+    import os
+    import sys
+
+    from semdask.cli.common import teardown_skipped
+
+    try:
+        main()
+    except SystemExit as e:
+        if e.code in (0, None) and teardown_skipped():
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        raise
 
 
 # --- synth (synthetic.py) ----------------------------------------------------

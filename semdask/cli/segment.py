@@ -17,6 +17,7 @@ from semdask.cli.common import client_for as _client
 from semdask.cli.common import cluster_options as _cluster_options
 from semdask.cli.common import handle_errors as _handle_errors
 from semdask.cli.common import positive as _positive
+from semdask.cli.common import skip_teardown as _skip_teardown
 from semdask.cli.common import writable_file as _writable_file
 from semdask.inference.settings import MAX_CHUNK, Blend, Mode, Precision, choices
 
@@ -138,6 +139,8 @@ def segment(mosaic: str, models: tuple[str, ...], ensemble: str | None, tta: boo
                    + (f"; also wrote {', '.join(r.extras)}" if r.extras else ""))
     if r.rescale != 1.0:
         click.echo(f"inferred at the model's pixel size (resampled by {r.rescale:.4g} and back)")
+    if no_cluster:  # outputs complete, lock released, no worker processes: a fast exit
+        _skip_teardown()
 
 
 @click.command()

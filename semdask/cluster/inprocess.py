@@ -9,8 +9,10 @@ or ``--dashboard-address``), no GPU is visible and the mosaic has at most
 segment`` runs the same block tasks (same ledger, same drain, same outputs) on the
 threaded scheduler in this process: one block per core at a time, each with one torch
 thread (:func:`threaded`), which also measured faster per block than one block with
-all cores' torch threads (no OpenMP barriers in the small layers). ``--profile local``
-keeps the LocalCluster and its dashboard.
+all cores' torch threads (no OpenMP barriers in the small layers). The sub-tiles of the
+blocks in flight share one pool of as many threads
+(:func:`semdask.inference.tiled.subtile_pool`), so a block alone still uses every core.
+``--profile local`` keeps the LocalCluster and its dashboard.
 """
 
 from __future__ import annotations

@@ -148,18 +148,24 @@ def _run_threads(tasks: Sequence[Any], bar: Any) -> tuple[int, Exception | None]
 
     Each thread computes its block's graph synchronously, so a new block starts as soon
     as one finishes (no rounds waiting for their slowest block) and at most one block
-    per thread is in memory. Stops submitting after SIGTERM or a failure.
+    per thread is in memory. The blocks' sub-tiles run on ``num_workers`` shared threads
+    (:func:`semdask.inference.tiled.subtile_pool`), so the last blocks of a run are not
+    left to one thread each while the others idle. Stops submitting after SIGTERM or a
+    failure.
     """
     from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
     import torch
+
+    from semdask.inference.tiled import subtile_pool
 
     n = int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
     done, error = 0, None
     pending = iter(tasks)
     before = torch.get_num_threads()  # the cores shared out: no oversubscription
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
-    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="semdask-block") as pool:
+    with subtile_pool(n), ThreadPoolExecutor(max_workers=n,
+                                             thread_name_prefix="semdask-block") as pool:
         running: set[Future[Any]] = set()
 
         def submit() -> None:

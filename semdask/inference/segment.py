@@ -224,14 +224,19 @@ def execute(run: SegmentRun, *, client: Any = None, progress: bool = True,
     semdask.errors.ForeignOutputError
         When the output holds data segment did not write, or overlaps the input.
     """
-    with writer_lock(run.output, group=run.group) as held:
+    from concurrent.futures import ThreadPoolExecutor
+
+    # the image copy is written beside the blocks; leaving this block waits for it, so no
+    # write of this run outlives its lock, even after a failure
+    with writer_lock(run.output, group=run.group) as held, ThreadPoolExecutor(
+            1, thread_name_prefix="semdask-copy") as bg:
         own = ownership.check_output(run.mosaic, run.output, groups=run.written,
                                      overwrite=run.overwrite, resume=run.resume)
-        return _execute(run, own, held, client=client, progress=progress, t0=t0)
+        return _execute(run, own, held, bg, client=client, progress=progress, t0=t0)
 
 
-def _execute(run: SegmentRun, own: ownership.OutputCheck, held: WriterLock, *, client: Any,
-             progress: bool, t0: float | None) -> SegmentResult:
+def _execute(run: SegmentRun, own: ownership.OutputCheck, held: WriterLock, bg: Any, *,
+             client: Any, progress: bool, t0: float | None) -> SegmentResult:
     from semdask.inference.ensemble import entropy_from_probs
 
     t0 = time.perf_counter() if t0 is None else t0
@@ -241,6 +246,7 @@ def _execute(run: SegmentRun, own: ownership.OutputCheck, held: WriterLock, *, c
         log.info("one model without TTA: writing entropy only (uncertainty needs members/TTA)")
     norm = mcfg.normalisation
     reuse_copy = own.reuse_image  # this input's own complete copy: keep its image
+    fill = None  # writes the pixels of the image copy (in the background, beside the blocks)
     stats = mosaic_stats(m, norm.low_percentile, norm.high_percentile,
                          fallback=sarr.read_attrs(out) if reuse_copy else None)
     plan_key = run.plan_key
@@ -252,9 +258,9 @@ def _execute(run: SegmentRun, own: ownership.OutputCheck, held: WriterLock, *, c
     elif not reuse_copy:
         rewrite = run.overwrite or (run.resume and out.exists())  # resume: our unfinished copy
         validate_output_path(out, overwrite=rewrite)
-        sio.write_image(out, m.image, pixel_size_um=m.pixel_size_um,
-                        attrs={**ownership.copy_attrs(m), "normalisation": stats.to_dict()},
-                        overwrite=rewrite)
+        fill = sio.begin_image(out, m.image, pixel_size_um=m.pixel_size_um, overwrite=rewrite,
+                               attrs={**ownership.copy_attrs(m),
+                                      "normalisation": stats.to_dict()})
     prec = s.precision.value
     provenance = {
         "writer": ledger.WRITER,
@@ -315,6 +321,8 @@ def _execute(run: SegmentRun, own: ownership.OutputCheck, held: WriterLock, *, c
             log.warning("%s/%s: %d pyramid shards damaged (%s): rebuilding levels >= 1", out,
                         group, len(pyramid_bad), next(iter(pyramid_bad)))
         if not todo and not pyramid_bad and all(_complete(out, g) for g in written):
+            if fill is not None:
+                fill()
             log.info("%s/%s is up to date (%d blocks verified)", out, group, len(blocks))
             return SegmentResult(out, group, plan.shape, plan, stats, sha,
                                  time.perf_counter() - t0, written[1:], len(blocks), 0, True,
@@ -342,11 +350,15 @@ def _execute(run: SegmentRun, own: ownership.OutputCheck, held: WriterLock, *, c
                          key=key)
     for path, digest in zip(ens.paths, ens.shas, strict=True):  # resident before block one
         preload_model(client, path, sha=digest, device=s.device)
+    # metadata is written by now; the copy's pixels and pyramid (its own files) go beside
+    copy = bg.submit(fill) if fill is not None else None
     with monitor.watch_blocks(client, output=out, group=group, blocks=blocks, todo=todo,
                               tasks=tasks, mosaic=m):  # live block map + gauges (monitor.py)
         run_blocks(tasks, client=client, progress=progress, mosaic=m.path, output=out,
                    inside=inside, name=run.name,
                    pixels_per_block=plan.shape[0] * plan.shape[1] / max(len(blocks), 1))
+    if copy is not None:
+        copy.result()  # a failed copy fails the run
     held.check()  # a run whose lock was broken meanwhile never marks its output complete
     ledger.finish(out, group, written)  # pyramids + their checksums, then marked complete
     secs = time.perf_counter() - t0

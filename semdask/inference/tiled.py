@@ -28,15 +28,43 @@ Examples
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from semdask.errors import InputError
 
-__all__ = ["is_croppable_unet", "tiled_forward", "unet_core_forward"]
+__all__ = ["is_croppable_unet", "subtile_pool", "tiled_forward", "unet_core_forward"]
 
 log = logging.getLogger(__name__)
+
+_POOL: ThreadPoolExecutor | None = None  #: shared by the blocks of :func:`subtile_pool`
+
+
+@contextmanager
+def subtile_pool(threads: int) -> Iterator[None]:
+    """Run the sub-tiles of every block in this process on ``threads`` shared threads.
+
+    Inside the block, :func:`tiled_forward` hands its sub-tiles to the pool instead of
+    running them one after the other, so blocks that run at the same time share the
+    threads sub-tile by sub-tile: when the last block of a run is alone, all threads
+    work on it (without the pool one thread per block, the others idle). The order of
+    the sub-tiles and the arithmetic of each are unchanged, so are the results.
+    Only CPU forwards without autograd or autocast use the pool.
+    """
+    global _POOL
+    if threads < 2 or _POOL is not None:  # one thread: nothing to share; nested: reuse
+        yield
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="semdask-subtile") as pool:
+        _POOL = pool
+        try:
+            yield
+        finally:
+            _POOL = None
 
 
 def is_croppable_unet(model: Any) -> bool:
@@ -190,7 +218,7 @@ def tiled_forward(model: Any, x: torch.Tensor, *, core: tuple[int, int, int, int
     crop = is_croppable_unet(model)
     step = tile if tile and tile > 0 else max(y1 - y0, x1 - x0)
     step = max(multiple, step - step % multiple)
-    result: torch.Tensor | None = None
+    jobs = []
     for ty in range(y0, y1, step):
         ey = min(ty + step, y1)
         for tx in range(x0, x1, step):
@@ -202,12 +230,30 @@ def tiled_forward(model: Any, x: torch.Tensor, *, core: tuple[int, int, int, int
                 raise InputError("block", expected="sides that are multiples of "
                                  f"{multiple} around the core", got=str(tuple(x.shape)),
                                  fix="align chunk edges and the halo to the network's grid")
-            if crop and _fits(model, halo, ey + py - ty, ex + px - tx):
-                out = unet_core_forward(model, sub, halo, (ey + py - ty, ex + px - tx))
-            else:
-                out = model(sub)[..., halo: halo + ey + py - ty, halo: halo + ex + px - tx]
-            if result is None:  # one output, filled in place (no concatenations)
-                result = out.new_empty((*out.shape[:-2], y1 - y0, x1 - x0))
-            result[..., ty - y0: ey - y0, tx - x0: ex - x0] = out[..., : ey - ty, : ex - tx]
+            if x.device.type == "cpu":  # a dense channels-last copy: oneDNN's fast layout
+                sub = sub.contiguous(memory_format=torch.channels_last)
+            jobs.append((ty, ey, tx, ex, sub, (ey + py - ty, ex + px - tx)))
+
+    def one(sub: torch.Tensor, side: tuple[int, int]) -> torch.Tensor:
+        if crop and _fits(model, halo, *side):
+            return unet_core_forward(model, sub, halo, side)
+        return model(sub)[..., halo: halo + side[0], halo: halo + side[1]]
+
+    pool = _POOL
+    if pool is not None and len(jobs) > 1 and x.device.type == "cpu" and not (
+            torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
+        def pooled(sub: torch.Tensor, side: tuple[int, int]) -> torch.Tensor:
+            with torch.inference_mode():  # grad mode is per thread
+                return one(sub, side)
+
+        futures = [pool.submit(pooled, j[4], j[5]) for j in jobs]
+        outs = [f.result() for f in futures]
+    else:
+        outs = [one(j[4], j[5]) for j in jobs]
+    result: torch.Tensor | None = None
+    for (ty, ey, tx, ex, _, _), out in zip(jobs, outs, strict=True):
+        if result is None:  # one output, filled in place (no concatenations)
+            result = out.new_empty((*out.shape[:-2], y1 - y0, x1 - x0))
+        result[..., ty - y0: ey - y0, tx - x0: ex - x0] = out[..., : ey - ty, : ex - tx]
     assert result is not None
     return result

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +54,7 @@ __all__ = [
     "Labels",
     "Mosaic",
     "begin_extra_image",
+    "begin_image",
     "begin_labels",
     "open_array",
     "open_extra_image",
@@ -180,6 +181,20 @@ def write_image(path: PathLike, image: da.Array, *, pixel_size_um: float | None,
     Shard edge = ``chunk`` (else config ``store.shard``, else the dask chunk edge);
     levels until the smaller side is at most 512 px unless ``levels`` is given.
     """
+    return begin_image(path, image, pixel_size_um=pixel_size_um, chunk=chunk, levels=levels,
+                       attrs=attrs, overwrite=overwrite)()
+
+
+def begin_image(path: PathLike, image: da.Array, *, pixel_size_um: float | None,
+                chunk: int | None = None, levels: int | None = None,
+                attrs: dict[str, Any] | None = None,
+                overwrite: bool = False) -> Callable[[], Mosaic]:
+    """Create the store of :func:`write_image` (metadata and every level, incomplete).
+
+    Returns the call that writes the pixels and the pyramid, marks the store complete
+    and opens it. In between, other groups (labels) can be created in the store, and
+    the pixels can be written while other work runs (``segment --output``).
+    """
     x = as_array(image, (2,), "image")
     p = validate_output_path(path, overwrite=overwrite)
     cfg = config.get("store.shard", "auto")
@@ -190,9 +205,13 @@ def write_image(path: PathLike, image: da.Array, *, pixel_size_um: float | None,
     arr = begin_pyramid(root, "", meta, shape=x.shape, dtype=x.dtype, names="yx",
                  shard=ome.shard_shape(x.shape, "yx", chunk=chunk, chunks=x.chunks))
     root.attrs.update(meta)
-    store_blocks([align_to(x, arr)], [arr])
-    finish_group(p)
-    return open_mosaic(p)
+
+    def fill() -> Mosaic:
+        store_blocks([align_to(x, arr)], [arr])
+        finish_group(p)
+        return open_mosaic(p)
+
+    return fill
 
 
 def begin_extra_image(path: PathLike, name: str, *, shape: Sequence[int], dtype: Any,
