@@ -230,30 +230,28 @@ def tiled_forward(model: Any, x: torch.Tensor, *, core: tuple[int, int, int, int
                 raise InputError("block", expected="sides that are multiples of "
                                  f"{multiple} around the core", got=str(tuple(x.shape)),
                                  fix="align chunk edges and the halo to the network's grid")
-            if x.device.type == "cpu":  # a dense channels-last copy: oneDNN's fast layout
-                sub = sub.contiguous(memory_format=torch.channels_last)
             jobs.append((ty, ey, tx, ex, sub, (ey + py - ty, ex + px - tx)))
 
     def one(sub: torch.Tensor, side: tuple[int, int]) -> torch.Tensor:
+        if sub.device.type == "cpu":  # a dense channels-last copy: oneDNN's fast layout
+            sub = sub.contiguous(memory_format=torch.channels_last)
         if crop and _fits(model, halo, *side):
             return unet_core_forward(model, sub, halo, side)
         return model(sub)[..., halo: halo + side[0], halo: halo + side[1]]
 
+    def pooled(sub: torch.Tensor, side: tuple[int, int]) -> torch.Tensor:
+        with torch.inference_mode():  # grad mode is per thread
+            return one(sub, side)
+
+    subs, sides = [j[4] for j in jobs], [j[5] for j in jobs]
     pool = _POOL
     if pool is not None and len(jobs) > 1 and x.device.type == "cpu" and not (
             torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
-        def pooled(sub: torch.Tensor, side: tuple[int, int]) -> torch.Tensor:
-            with torch.inference_mode():  # grad mode is per thread
-                return one(sub, side)
-
-        futures = [pool.submit(pooled, j[4], j[5]) for j in jobs]
-        outs = [f.result() for f in futures]
+        outs = list(pool.map(pooled, subs, sides))
     else:
-        outs = [one(j[4], j[5]) for j in jobs]
-    result: torch.Tensor | None = None
+        outs = list(map(one, subs, sides))
+    # one output, filled in place (no concatenations)
+    result = outs[0].new_empty((*outs[0].shape[:-2], y1 - y0, x1 - x0))
     for (ty, ey, tx, ex, _, _), out in zip(jobs, outs, strict=True):
-        if result is None:  # one output, filled in place (no concatenations)
-            result = out.new_empty((*out.shape[:-2], y1 - y0, x1 - x0))
         result[..., ty - y0: ey - y0, tx - x0: ex - x0] = out[..., : ey - ty, : ex - tx]
-    assert result is not None
     return result
